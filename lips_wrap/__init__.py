@@ -1,0 +1,22 @@
+"""lips-wrap: LIPS (Layer-wise Inertia Phenomenon with Sparsity) for any FL loop."""
+
+from .config import SCORES, LIPSConfig
+from .layers import LayerPlan, TensorDecision, find_layers
+from .lips import LIPS, MaskReport
+from .optimizer import LIPSOptimizer
+from .schedule import density_at, is_mask_round
+
+__all__ = [
+    "LIPS",
+    "LIPSConfig",
+    "LIPSOptimizer",
+    "LayerPlan",
+    "MaskReport",
+    "SCORES",
+    "TensorDecision",
+    "density_at",
+    "find_layers",
+    "is_mask_round",
+]
+
+__version__ = "0.1.0"

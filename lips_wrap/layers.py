@@ -1,0 +1,270 @@
+"""Which tensors LIPS masks: ``find_layers`` builds an inspectable plan.
+
+Precedence: the user's ``include``/``exclude`` patterns, then a model-family detector
+(the first of :data:`DETECTORS` that recognises the model), then the generic rule for
+plain torch models: the weights of the layers between the first layer (the input
+stem) and the last (the head), in registration order, are eligible; stems, heads,
+biases, norms, embeddings and every other parameter are exempt. A parameter shared by
+several modules (tied weights) is decided once, under its first name, and is eligible
+only if every name it has is.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from . import families
+
+Verdict = Tuple[bool, str]
+"""(eligible, reason) for one parameter name."""
+
+NamedSlot = Tuple[str, nn.Module, str]
+"""(full parameter name, owning module, local parameter name)."""
+
+Detector = Callable[[nn.Module, Sequence[NamedSlot]], Optional[Dict[str, Verdict]]]
+"""Decides every slot of a model it recognises, or returns None to pass."""
+
+
+@dataclass(frozen=True)
+class TensorDecision:
+    """The plan's verdict on one parameter."""
+
+    name: str
+    shape: Tuple[int, ...]
+    eligible: bool
+    reason: str
+    aliases: Tuple[str, ...] = ()
+
+    @property
+    def numel(self) -> int:
+        total = 1
+        for size in self.shape:
+            total *= size
+        return total
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """Every parameter of a model with the decision LIPS takes on it."""
+
+    decisions: Tuple[TensorDecision, ...]
+    detector: str
+
+    @property
+    def eligible(self) -> Tuple[TensorDecision, ...]:
+        return tuple(d for d in self.decisions if d.eligible)
+
+    @property
+    def eligible_names(self) -> Tuple[str, ...]:
+        return tuple(d.name for d in self.eligible)
+
+    @property
+    def masked_numel(self) -> int:
+        return sum(d.numel for d in self.eligible)
+
+    @property
+    def total_numel(self) -> int:
+        return sum(d.numel for d in self.decisions)
+
+    def summary(self) -> str:
+        share = self.masked_numel / self.total_numel if self.total_numel else 0.0
+        return (
+            f"{len(self.eligible)} of {len(self.decisions)} tensors eligible, "
+            f"{self.masked_numel:,} of {self.total_numel:,} parameters ({share:.1%}); "
+            f"detected by: {self.detector}"
+        )
+
+    def table(self) -> str:
+        """A fixed-width table: name, shape, eligible or exempt, and why."""
+        rows = [("tensor", "shape", "LIPS", "why")]
+        for d in self.decisions:
+            name = d.name + (f" (= {', '.join(d.aliases)})" if d.aliases else "")
+            rows.append(
+                (name, "x".join(map(str, d.shape)) or "scalar",
+                 "masked" if d.eligible else "exempt", d.reason)
+            )
+        widths = [max(len(row[i]) for row in rows) for i in range(3)]
+        lines = [
+            "  ".join(cell.ljust(width) for cell, width in zip(row[:3], widths)) + "  " + row[3]
+            for row in rows
+        ]
+        return "\n".join(lines + [self.summary()])
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def _module_class_name(module: nn.Module) -> str:
+    return type(module).__name__
+
+
+def _matches_any(name: str, globs: Iterable[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, glob) for glob in globs)
+
+
+def is_layer_weight(module: nn.Module, local_name: str) -> bool:
+    """Whether ``module.<local_name>`` is a layer's weight matrix or kernel."""
+    for module_type, glob in families.LAYER_WEIGHTS:
+        if isinstance(module, module_type) and fnmatch.fnmatchcase(local_name, glob):
+            return True
+    class_name = _module_class_name(module)
+    return any(
+        class_name == known and fnmatch.fnmatchcase(local_name, glob)
+        for known, glob in families.LAYER_WEIGHTS_BY_CLASS_NAME
+    )
+
+
+def exempt_kind(module: nn.Module, local_name: str) -> Optional[str]:
+    """Why a parameter is never a layer weight (norm, embedding, bias), or None."""
+    class_name = _module_class_name(module)
+    if isinstance(module, families.NORM_TYPES) or any(
+        fragment in class_name for fragment in families.NORM_CLASS_NAME_FRAGMENTS
+    ):
+        return f"normalisation ({class_name})"
+    if isinstance(module, families.EMBEDDING_TYPES) or any(
+        fragment in class_name for fragment in families.EMBEDDING_CLASS_NAME_FRAGMENTS
+    ):
+        return f"embedding ({class_name})"
+    if local_name == "bias" or local_name.endswith("_bias"):
+        return "bias"
+    return None
+
+
+def generic_rule(model: nn.Module, slots: Sequence[NamedSlot]) -> Dict[str, Verdict]:
+    """The rule for plain torch models: middle layer weights, in registration order."""
+    layer_names = [
+        name for name, module, local in slots
+        if exempt_kind(module, local) is None and is_layer_weight(module, local)
+    ]
+    stem = layer_names[0] if layer_names else None
+    head = layer_names[-1] if layer_names else None
+    verdicts: Dict[str, Verdict] = {}
+    for name, module, local in slots:
+        class_name = _module_class_name(module)
+        kind = exempt_kind(module, local)
+        if kind is not None:
+            verdicts[name] = (False, kind)
+        elif not is_layer_weight(module, local):
+            verdicts[name] = (False, f"not a layer weight ({class_name}.{local})")
+        elif name == stem:
+            verdicts[name] = (False, f"input stem: first layer ({class_name})")
+        elif name == head:
+            verdicts[name] = (False, f"head: last layer ({class_name})")
+        else:
+            verdicts[name] = (True, f"middle layer weight ({class_name})")
+    return verdicts
+
+
+DETECTORS: List[Tuple[str, Detector]] = []
+"""Model-family detectors tried before the generic rule, in order: (label, detector)."""
+
+
+def _slots(model: nn.Module) -> List[NamedSlot]:
+    slots = []
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        for local, _ in module.named_parameters(recurse=False):
+            slots.append((f"{prefix}.{local}" if prefix else local, module, local))
+    return slots
+
+
+def _detect(model: nn.Module, slots: Sequence[NamedSlot]) -> Tuple[str, Dict[str, Verdict]]:
+    for label, detector in DETECTORS:
+        verdicts = detector(model, slots)
+        if verdicts is not None:
+            return label, verdicts
+    return "generic rule (plain torch)", generic_rule(model, slots)
+
+
+def find_layers(
+    model: nn.Module,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    allow_empty: bool = False,
+) -> LayerPlan:
+    """Decide, for every parameter of ``model``, whether LIPS masks it and why.
+
+    Args:
+        model: any ``nn.Module``.
+        include: ``fnmatch`` globs on parameter names that make a tensor eligible.
+        exclude: globs that make a tensor exempt; they win over ``include``.
+        allow_empty: return a plan with nothing eligible instead of raising.
+
+    Raises:
+        ValueError: a pattern matches no parameter, an included tensor is not a
+            floating-point tensor, or (unless ``allow_empty``) nothing is eligible.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    include, exclude = tuple(include), tuple(exclude)
+    slots = _slots(model)
+    label, verdicts = _detect(model, slots)
+
+    names_of: Dict[int, List[str]] = {}
+    params: Dict[int, nn.Parameter] = {}
+    for name, module, local in slots:
+        param = getattr(module, local)
+        names_of.setdefault(id(param), []).append(name)
+        params[id(param)] = param
+
+    _check_patterns_match(include, "include", [s[0] for s in slots])
+    _check_patterns_match(exclude, "exclude", [s[0] for s in slots])
+
+    decisions = []
+    for key, names in names_of.items():
+        param = params[key]
+        eligible, reason = _decide(names, verdicts, param, include, exclude)
+        decisions.append(
+            TensorDecision(names[0], tuple(param.shape), eligible, reason, tuple(names[1:]))
+        )
+    plan = LayerPlan(tuple(decisions), label)
+    if not plan.eligible and not allow_empty:
+        raise ValueError(
+            f"no eligible layer found in {type(model).__name__}: LIPS masks the weights "
+            "of middle layers (between the input stem and the head). Name tensors with "
+            "include=[...] patterns, or check the plan:\n" + plan.table()
+        )
+    return plan
+
+
+def _check_patterns_match(patterns: Sequence[str], label: str, names: Sequence[str]) -> None:
+    for pattern in patterns:
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
+            raise ValueError(
+                f"{label} pattern {pattern!r} matches no parameter name; names look like "
+                f"{', '.join(repr(n) for n in names[:3])}"
+            )
+
+
+def _decide(
+    names: Sequence[str],
+    verdicts: Dict[str, Verdict],
+    param: torch.Tensor,
+    include: Sequence[str],
+    exclude: Sequence[str],
+) -> Verdict:
+    for name in names:
+        for pattern in exclude:
+            if fnmatch.fnmatchcase(name, pattern):
+                return False, f"exclude pattern {pattern!r}"
+    for name in names:
+        for pattern in include:
+            if fnmatch.fnmatchcase(name, pattern):
+                if not param.is_floating_point():
+                    raise ValueError(
+                        f"include pattern {pattern!r} selects {name}, a {param.dtype} tensor; "
+                        "only floating-point tensors can be masked"
+                    )
+                return True, f"include pattern {pattern!r}"
+    first_eligible, first_reason = verdicts[names[0]]
+    for name in names[1:]:
+        eligible, reason = verdicts[name]
+        if not eligible and first_eligible:
+            return False, f"tied with exempt {name} ({reason})"
+    if first_eligible and not param.requires_grad:
+        return False, "frozen (requires_grad=False)"
+    return first_eligible, first_reason

@@ -1,0 +1,154 @@
+"""LIPSOptimizer: a torch Optimizer that wraps the user's optimizer by composition.
+
+It delegates everything to the wrapped optimizer (``param_groups``, ``state``,
+``defaults``, ``step``, ``zero_grad``, ``state_dict``, hooks, ...). Around ``step`` it
+copies each tracked parameter's gradient into a buffer of ``grad_dtype`` (the ``g`` of
+the sensitivity score: the gradient of the last optimizer step), and it can zero the
+optimizer state of a parameter where a mask is False.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any, Callable, Dict, Iterable, Optional
+
+import torch
+
+from .masking import apply_mask_
+
+_WRAPPED: "weakref.WeakSet[torch.optim.Optimizer]" = weakref.WeakSet()
+
+
+class LIPSOptimizer(torch.optim.Optimizer):
+    """The user's optimizer, plus last-step gradient capture and state masking.
+
+    Build it through :class:`lips_wrap.LIPS`, which knows the eligible parameters.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        tracked: Iterable[torch.nn.Parameter],
+        grad_dtype: torch.dtype = torch.float16,
+        grad_device: Optional[str] = None,
+    ) -> None:
+        # Composition: the base class's __init__ is not called; every attribute the base
+        # class would own is read from the wrapped optimizer (see __getattr__).
+        if isinstance(optimizer, LIPSOptimizer):
+            raise ValueError(
+                "this optimizer is already a LIPSOptimizer; pass the original optimizer "
+                "(lips.optimizer.original_optimizer) to a new LIPS, not the wrapper"
+            )
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
+            )
+        if optimizer in _WRAPPED:
+            raise ValueError(
+                f"this {type(optimizer).__name__} is already wrapped by another LIPS; "
+                "one optimizer can serve one LIPS only"
+            )
+        _WRAPPED.add(optimizer)
+        self.original_optimizer = optimizer
+        self.grad_dtype = grad_dtype
+        self.grad_device = None if grad_device is None else torch.device(grad_device)
+        self._grads: Dict[torch.nn.Parameter, Optional[torch.Tensor]] = {
+            p: None for p in tracked
+        }
+
+    # -- delegation ---------------------------------------------------------------
+    def __getattr__(self, name: str) -> Any:
+        if name == "original_optimizer":
+            raise AttributeError(name)
+        return getattr(self.original_optimizer, name)
+
+    @property
+    def param_groups(self):  # type: ignore[override]
+        return self.original_optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value) -> None:
+        self.original_optimizer.param_groups = value
+
+    @property
+    def state(self):  # type: ignore[override]
+        return self.original_optimizer.state
+
+    @state.setter
+    def state(self, value) -> None:
+        self.original_optimizer.state = value
+
+    @property
+    def defaults(self):  # type: ignore[override]
+        return self.original_optimizer.defaults
+
+    @defaults.setter
+    def defaults(self, value) -> None:
+        self.original_optimizer.defaults = value
+
+    def __repr__(self) -> str:
+        return f"LIPSOptimizer({self.original_optimizer!r})"
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.original_optimizer.zero_grad(set_to_none=set_to_none)
+
+    def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        self.original_optimizer.add_param_group(param_group)
+
+    def state_dict(self) -> Dict[str, Any]:
+        return self.original_optimizer.state_dict()
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        self.original_optimizer.load_state_dict(state_dict)
+
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:  # type: ignore[override]
+        """The wrapped optimizer's step; the gradients it uses are kept."""
+        if closure is None:
+            self._capture_grads()
+            return self.original_optimizer.step()
+        loss = self.original_optimizer.step(closure)
+        self._capture_grads()
+        return loss
+
+    # -- LIPS ---------------------------------------------------------------------
+    def _capture_grads(self) -> None:
+        with torch.no_grad():
+            for param, buffer in self._grads.items():
+                grad = param.grad
+                if grad is None:
+                    continue
+                if grad.is_sparse:
+                    raise ValueError(
+                        "LIPS cannot keep sparse gradients; use dense layers for the "
+                        "tensors it masks"
+                    )
+                if buffer is None:
+                    buffer = torch.empty_like(
+                        param, dtype=self.grad_dtype, device=self.grad_device or param.device
+                    )
+                    self._grads[param] = buffer
+                buffer.copy_(grad, non_blocking=True)
+
+    def captured_grad(self, param: torch.nn.Parameter) -> Optional[torch.Tensor]:
+        """The gradient kept from the last step for ``param``, or None before any step."""
+        return self._grads[param]
+
+    def set_captured_grad(
+        self, param: torch.nn.Parameter, grad: Optional[torch.Tensor]
+    ) -> None:
+        """Replace the kept gradient of ``param`` (None forgets it); used on restore."""
+        if grad is None:
+            self._grads[param] = None
+            return
+        device = self.grad_device or param.device
+        self._grads[param] = grad.detach().to(device=device, dtype=self.grad_dtype, copy=True)
+
+    def mask_state_(self, param: torch.nn.Parameter, mask: torch.Tensor) -> int:
+        """Zero, where ``mask`` is False, every state tensor of ``param``'s shape
+        (momentum, Adam moments, ...). Returns how many state tensors were masked."""
+        masked = 0
+        for value in self.original_optimizer.state.get(param, {}).values():
+            if isinstance(value, torch.Tensor) and value.shape == param.shape:
+                apply_mask_(value, mask.to(value.device))
+                masked += 1
+        return masked
