@@ -5,6 +5,7 @@ from .layers import LayerPlan, TensorDecision, find_layers
 from .lips import LIPS, MaskReport
 from .optimizer import LIPSOptimizer
 from .schedule import density_at, is_mask_round
+from .server import mask_global_state
 
 __all__ = [
     "LIPS",
@@ -17,6 +18,7 @@ __all__ = [
     "density_at",
     "find_layers",
     "is_mask_round",
+    "mask_global_state",
 ]
 
 __version__ = "0.1.0"

@@ -55,9 +55,15 @@ class MaskReport:
         return text
 
 
-def _score_seed(seed: int, round_index: int, name: str) -> int:
+def score_generator(
+    seed: int, round_index: int, name: str, device: torch.device
+) -> torch.Generator:
+    """The generator of the random score for one tensor in one round: seeded from
+    ``(seed, round, name)``, so the draw is reproducible and differs per tensor."""
     digest = hashlib.blake2b(f"{seed}:{round_index}:{name}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+    generator = torch.Generator(device=device)
+    generator.manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
+    return generator
 
 
 def _single_device(model: nn.Module) -> None:
@@ -165,8 +171,7 @@ class LIPS:
                 kind = "magnitude"
                 fallback.append(name)
             if kind == "random":
-                generator = torch.Generator(device=param.device)
-                generator.manual_seed(_score_seed(cfg.seed, round_index, name))
+                generator = score_generator(cfg.seed, round_index, name, param.device)
             score = compute_score(kind, param, grad, generator)
             kept = keep_count(param.numel(), density)
             mask = keep_mask(score, kept, name)

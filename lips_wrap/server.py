@@ -1,0 +1,74 @@
+"""The server-side variant, for clients that cannot keep gradients.
+
+The server masks the global model once, before sending it, scoring each eligible
+tensor by ``|delta * W|`` with ``delta = W_t - W_{t-1}`` the change of the global
+weights over the last round (``score="sensitivity"``), or by the configured
+magnitude/random score. Works on state dicts keyed by parameter name, so any
+framework that moves named arrays can use it; tied names are masked together.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Mapping, Optional, Tuple
+
+import torch
+
+from .config import LIPSConfig
+from .layers import LayerPlan
+from .lips import MaskReport, score_generator
+from .masking import apply_mask_, check_finite, compute_score, keep_count, keep_mask
+from .schedule import density_at
+
+
+def mask_global_state(
+    state: Mapping[str, torch.Tensor],
+    previous: Optional[Mapping[str, torch.Tensor]],
+    plan: LayerPlan,
+    round_index: int,
+    config: LIPSConfig,
+) -> Tuple[Dict[str, torch.Tensor], MaskReport]:
+    """Return the global state to send for ``round_index`` and what was done.
+
+    ``state`` is the freshly aggregated global model, ``previous`` the global model of
+    the round before (None if unknown: magnitude scores are used). ``round_index`` is
+    the 0-based round the clients are about to start. The input mappings are never
+    modified: masked tensors are new, the others are the same objects.
+    """
+    density = density_at(round_index, config)
+    result = dict(state)
+    if density is None:
+        return result, MaskReport(round_index, None, None, 0, 0, plan.masked_numel)
+    missing = [d.name for d in plan.eligible if d.name not in state]
+    if missing:
+        raise KeyError(
+            f"the global state lacks {len(missing)} tensors the plan masks, e.g. "
+            f"{', '.join(missing[:3])}; was the plan built from the same model?"
+        )
+    fallback = []
+    zeroed = 0
+    with torch.no_grad():
+        for decision in plan.eligible:
+            weight = state[decision.name]
+            check_finite(weight, f"global weight {decision.name}")
+            kind, delta, generator = config.score, None, None
+            if kind == "sensitivity":
+                if previous is None or decision.name not in previous:
+                    kind = "magnitude"
+                    fallback.append(decision.name)
+                else:
+                    delta = weight.to(torch.float32) - previous[decision.name].to(
+                        device=weight.device, dtype=torch.float32)
+                    check_finite(delta, f"global update of {decision.name}")
+            if kind == "random":
+                generator = score_generator(config.seed, round_index, decision.name,
+                                            weight.device)
+            score = compute_score(kind, weight, delta, generator)
+            kept = keep_count(weight.numel(), density)
+            masked = apply_mask_(weight.clone(), keep_mask(score, kept, decision.name))
+            for name in (decision.name,) + decision.aliases:
+                if name in result:
+                    result[name] = masked
+            zeroed += weight.numel() - kept
+    report = MaskReport(round_index, density, config.score, len(plan.eligible), zeroed,
+                        plan.masked_numel, tuple(fallback))
+    return result, report
