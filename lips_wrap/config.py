@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
@@ -66,11 +67,11 @@ class LIPSConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _check_int("total_rounds", self.total_rounds, minimum=1)
-        _check_int("period", self.period, minimum=1)
-        _check_int("seed", self.seed, minimum=None)
+        for name, minimum in (("total_rounds", 1), ("period", 1), ("seed", None)):
+            _check_int(name, getattr(self, name), minimum)
+            object.__setattr__(self, name, int(getattr(self, name)))
         density = self.start_density
-        if isinstance(density, bool) or not isinstance(density, (int, float)):
+        if isinstance(density, bool) or not isinstance(density, numbers.Real):
             raise TypeError(f"start_density must be a number in (0, 1], got {density!r}")
         if not 0.0 < float(density) <= 1.0:
             raise ValueError(f"start_density must be in (0, 1], got {density!r}")
@@ -93,7 +94,7 @@ class LIPSConfig:
 
 
 def _check_int(name: str, value: object, minimum: Optional[int]) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an integer, got {value!r}")
     if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value!r}")

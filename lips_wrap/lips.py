@@ -137,7 +137,7 @@ class LIPS:
         those entries, are set to zero. Otherwise nothing changes. Rounds must
         increase from call to call.
         """
-        check_round(round, self.config)
+        round = check_round(round, self.config)  # noqa: A001
         if self._last_round is not None and round <= self._last_round:
             raise ValueError(
                 f"on_global_model({round}) after on_global_model({self._last_round}): "
@@ -220,7 +220,7 @@ class LIPS:
                 )
         last_round = state.get("last_round")
         if last_round is not None:
-            check_round(last_round, self.config)
+            last_round = check_round(last_round, self.config)
         for name, param in self._params.items():
             self.optimizer.set_captured_grad(param, grads.get(name))
         self._last_round = last_round

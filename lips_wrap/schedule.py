@@ -9,6 +9,7 @@ model (before round 0) is never masked.
 
 from __future__ import annotations
 
+import numbers
 from typing import Optional
 
 from .config import LIPSConfig
@@ -20,15 +21,18 @@ def aggregation_density(aggregated_round: int, config: LIPSConfig) -> float:
     return min(1.0, config.start_density + (1.0 - config.start_density) * t / total)
 
 
-def check_round(round_index: int, config: LIPSConfig) -> None:
-    """Raise unless ``round_index`` is an int in ``[0, total_rounds)``."""
-    if isinstance(round_index, bool) or not isinstance(round_index, int):
+def check_round(round_index: int, config: LIPSConfig) -> int:
+    """Return ``round_index`` as an int; raise unless it is an integer (Python or
+    numpy) in ``[0, total_rounds)``."""
+    if isinstance(round_index, bool) or not isinstance(round_index, numbers.Integral):
         raise TypeError(f"round must be an integer, got {round_index!r}")
+    round_index = int(round_index)
     if not 0 <= round_index < config.total_rounds:
         raise ValueError(
             f"round {round_index} is outside [0, {config.total_rounds}); rounds are "
             f"0-based and total_rounds is {config.total_rounds}"
         )
+    return round_index
 
 
 def density_at(round_index: int, config: LIPSConfig) -> Optional[float]:
@@ -37,8 +41,7 @@ def density_at(round_index: int, config: LIPSConfig) -> Optional[float]:
     Returns ``None`` when that model is not masked. ``round_index`` is the 0-based
     index of the local round about to start and must lie in ``[0, total_rounds)``.
     """
-    check_round(round_index, config)
-    aggregated = round_index - 1
+    aggregated = check_round(round_index, config) - 1
     if aggregated < 0 or aggregated % config.period != 0:
         return None
     return aggregation_density(aggregated, config)

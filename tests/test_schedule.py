@@ -37,3 +37,11 @@ def test_round_out_of_range(round_index):
 def test_round_must_be_int():
     with pytest.raises(TypeError, match="round must be an integer"):
         density_at(1.0, LIPSConfig(total_rounds=30))
+
+
+def test_numpy_integers_accepted():
+    import numpy as np
+
+    config = LIPSConfig(total_rounds=np.int64(30), period=np.int32(5))
+    assert type(config.total_rounds) is int and type(config.period) is int
+    assert density_at(np.int64(6), config) == density_at(6, config)
