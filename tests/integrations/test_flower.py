@@ -3,6 +3,7 @@ deployment run (SuperLink + two SuperNodes as processes) of examples/flower."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -10,19 +11,19 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 pytest.importorskip("flwr")
-pytest.importorskip("ray")
+if importlib.util.find_spec("ray") is None:  # not imported here: see flower_env
+    pytest.skip("Flower's simulation needs ray (flwr[simulation])", allow_module_level=True)
 
+import flower_apps as apps  # noqa: E402
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict  # noqa: E402
 from flwr.serverapp.strategy import FedAvg  # noqa: E402
 
-import flower_apps as apps  # noqa: E402
 from lips_wrap import LIPSConfig, density_at, find_layers  # noqa: E402
 from lips_wrap.integrations.flower import LIPSStrategy, lips_round, lips_train  # noqa: E402
 
@@ -33,7 +34,9 @@ LOOPBACK = ("127.0.0.1:", "[::1]:", "[::ffff:127.0.0.1]:")
 
 @pytest.fixture(scope="module")
 def flower_env(tmp_path_factory):
-    """Offline, private, loopback-only settings for everything Flower and Ray start."""
+    """Offline, private, loopback-only settings for everything Flower and Ray start.
+
+    Ray reads its settings when first imported, so nothing imports it before this."""
     root = tmp_path_factory.mktemp("flwr")
     env = {
         "FLWR_HOME": str(root / "home"),
@@ -42,6 +45,9 @@ def flower_env(tmp_path_factory):
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
         "RAY_USAGE_STATS_ENABLED": "0",
         "RAY_TMPDIR": str(root / "ray"),
+        # Ray otherwise takes the machine's interface address as its node address and
+        # binds its gRPC servers there; with this it uses (and binds) the loopback.
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     }
     saved = {key: os.environ.get(key) for key in env}
     os.environ.update(env)
@@ -165,8 +171,7 @@ def _simulate(flower_env, client_app, strategy):
 
     root, _ = flower_env
     backend = {"client_resources": {"num_cpus": 1},
-               "init_args": {"num_cpus": 2, "_temp_dir": str(root / "ray"),
-                             "_node_ip_address": "127.0.0.1"}}
+               "init_args": {"num_cpus": 2, "_temp_dir": str(root / "ray")}}
     run_simulation(apps.server_app(strategy), client_app, num_supernodes=apps.NUM_NODES,
                    backend_config=backend)
 
