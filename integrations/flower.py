@@ -54,12 +54,9 @@ STATE_KEY = "lips"
 """Prefix of the records :func:`lips_train` keeps in ``context.state``."""
 
 
-def lips_round(msg: Message) -> int:
-    """The core's 0-based round for a message: its ``server-round`` minus one.
-
-    Flower's strategies put the 1-based server round into the message's ConfigRecord;
-    the core counts the round the client is about to start from 0.
-    """
+def _server_round(msg: Message) -> int:
+    """The 1-based ``server-round`` that Flower's strategies put into the message's
+    ConfigRecord (in ``configure_train``)."""
     found = [
         record[SERVER_ROUND_KEY]
         for record in msg.content.config_records.values()
@@ -71,12 +68,26 @@ def lips_round(msg: Message) -> int:
             "ConfigRecords; LIPS needs exactly one (Flower's strategies set it in "
             "configure_train)"
         )
-    server_round = found[0]
-    if isinstance(server_round, bool) or not isinstance(server_round, int) or server_round < 1:
+    value = found[0]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"'{SERVER_ROUND_KEY}' is {value!r}; expected a 1-based integer round")
+    return value
+
+
+def lips_round(msg: Message) -> int:
+    """The core's 0-based round for a message: its ``server-round`` minus one (the
+    core counts the round the client is about to start from 0)."""
+    return _server_round(msg) - 1
+
+
+def _core_round(flower_round: int, config: LIPSConfig) -> int:
+    """Server round ``s`` (1-based) as the core's 0-based round ``s - 1``, checked."""
+    if flower_round > config.total_rounds:
         raise ValueError(
-            f"'{SERVER_ROUND_KEY}' is {server_round!r}; expected a 1-based integer round"
+            f"server round {flower_round} is past LIPSConfig(total_rounds="
+            f"{config.total_rounds}); set total_rounds to the run's number of server rounds"
         )
-    return server_round - 1
+    return flower_round - 1
 
 
 def _save_state(lips: LIPS, state: RecordDict, key: str) -> None:
@@ -131,7 +142,7 @@ def lips_train(
         raise TypeError(f"msg must be a flwr Message, got {type(msg).__name__}")
     if not isinstance(context, Context):
         raise TypeError(f"context must be a flwr Context, got {type(context).__name__}")
-    round_index = lips_round(msg)
+    round_index = _core_round(_server_round(msg), config)
     lips = LIPS(model, optimizer, config)
     _load_state(lips, context.state, state_key)
     report = lips.on_global_model(round_index)
@@ -218,7 +229,7 @@ class LIPSStrategy(Strategy):
             name: torch.from_numpy(arrays[name].numpy()) for name in self._names if name in arrays
         }
         masked, report = mask_global_state(
-            current, self._sent, self.plan, server_round - 1, self.config
+            current, self._sent, self.plan, _core_round(server_round, self.config), self.config
         )
         self._sent = masked
         self.reports[server_round] = report

@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -117,6 +118,10 @@ def test_lips_train_keeps_node_state_between_rebuilt_apps(task_identity):
             raise RuntimeError("boom")
     assert context.state["lips.meta"]["last-round"] == 0  # a failed round saves nothing
     model = apps.tiny_net()
+    with pytest.raises(ValueError, match="past LIPSConfig.total_rounds=4"):
+        with lips_train(model, torch.optim.SGD(model.parameters(), lr=1),
+                        _message(5, arrays), context, config):
+            pass
     with pytest.raises(ValueError, match="rounds must increase"):
         with lips_train(model, torch.optim.SGD(model.parameters(), lr=1),
                         _message(1, arrays), context, config):
@@ -258,6 +263,22 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _wait_healthy(port: int, process: subprocess.Popen, timeout: float = 90.0) -> None:
+    """Wait until the SuperLink answers on its HTTP API (or fail if it exited)."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, f"flower-superlink exited with {process.returncode}"
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1.0).is_success:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"flower-superlink did not answer on port {port} in {timeout:.0f} s")
+
+
 def _stop(processes) -> None:
     for proc in reversed(processes):  # SuperNodes first, then the SuperLink
         if proc.poll() is None:
@@ -295,6 +316,7 @@ def test_deployment_superlink_and_two_supernodes(flower_env):
                             "--host", "127.0.0.1", "--port", str(link_port),
                             "--database", str(root / "state.db"),
                             "--disable-runtime-dependency-installation"])
+        _wait_healthy(link_port, processes[0])
         for node in range(2):
             start(f"supernode{node}", [
                 str(BIN / "flower-supernode"), "--insecure",
@@ -303,8 +325,8 @@ def test_deployment_superlink_and_two_supernodes(flower_env):
                 "--node-config", f"partition-id={node} num-partitions=2"])
         run = subprocess.run(
             [str(BIN / "flwr"), "run", str(REPO / "examples" / "flower"), "deploy", "--stream",
-             "--run-config", "num-server-rounds=2 local-epochs=1"],
-            env=env, capture_output=True, text=True, timeout=240, cwd=root)
+             "--run-config", "num-server-rounds=2 local-epochs=1 fraction-evaluate=0.0"],
+            env=env, capture_output=True, text=True, timeout=420, cwd=root)
         sockets = apps.listening_sockets([p.pid for p in processes])
         output = run.stdout + run.stderr
         assert run.returncode == 0, output[-3000:]

@@ -15,7 +15,7 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = context.run_config
-    strategy = FedAvg(fraction_train=1.0, fraction_evaluate=1.0)
+    strategy = FedAvg(fraction_train=1.0, fraction_evaluate=float(cfg["fraction-evaluate"]))
     if cfg["lips"] == "server":
         strategy = LIPSStrategy(strategy, Net(), lips_config(cfg))
     elif cfg["lips"] not in ("client", "off"):
@@ -26,6 +26,5 @@ def main(grid: Grid, context: Context) -> None:
         num_rounds=int(cfg["num-server-rounds"]),
         train_config=ConfigRecord({"lr": float(cfg["lr"])}),
     )
-    accuracy = result.evaluate_metrics_clientapp
-    for server_round, metrics in sorted(accuracy.items()):
+    for server_round, metrics in sorted(result.evaluate_metrics_clientapp.items()):
         print(f"server round {server_round:>3}: personalized accuracy {metrics['accuracy']:.3f}")
