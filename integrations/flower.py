@@ -1,4 +1,4 @@
-"""LIPS for Flower apps (Message API, flwr >= 1.20): needs the ``flower`` extra.
+"""LIPS for Flower apps (Message API; tested with flwr 1.42): needs the ``flower`` extra.
 
 Two ways in, one per side of the federation:
 
@@ -97,7 +97,7 @@ def _save_state(lips: LIPS, state: RecordDict, key: str) -> None:
         name: grad.float() if grad.dtype == torch.bfloat16 else grad
         for name, grad in saved["grads"].items()
     }
-    state[f"{key}.grads"] = ArrayRecord(grads) if grads else ArrayRecord()
+    state[f"{key}.grads"] = ArrayRecord(grads)
     meta = ConfigRecord({"version": saved["version"]})
     if saved["last_round"] is not None:
         meta["last-round"] = saved["last_round"]

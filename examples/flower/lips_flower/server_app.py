@@ -28,3 +28,7 @@ def main(grid: Grid, context: Context) -> None:
     )
     for server_round, metrics in sorted(result.evaluate_metrics_clientapp.items()):
         print(f"server round {server_round:>3}: personalized accuracy {metrics['accuracy']:.3f}")
+    if isinstance(strategy, LIPSStrategy):
+        for server_round, report in sorted(strategy.reports.items()):
+            if report.masked:
+                print(f"server round {server_round:>3}: sent the nodes a masked model, {report}")
