@@ -3,4 +3,6 @@
 
 - ``custom``: helpers for hand-written FedAvg loops (data splits, aggregation,
   personalized evaluation); numpy and torch only.
+- ``flower``: client-side ``lips_train`` and server-side ``LIPSStrategy`` for Flower's
+  Message API (extra ``flower``).
 """

@@ -1,0 +1,1 @@
+"""Federated digits CNN on Flower with LIPS."""
