@@ -175,7 +175,8 @@ class LIPS:
                 generator = score_generator(cfg.seed, round_index, name, param.device)
             score = compute_score(kind, param, grad, generator)
             kept = keep_count(param.numel(), density)
-            selection = select_top_k(score, kept, f"the score of {name}")
+            # Weights and gradients were checked above, so the score holds no NaN.
+            selection = select_top_k(score, kept, name, check=False)
             apply_selection_([param, *self.optimizer.state_tensors(param)], score, selection)
             del score
             zeroed += param.numel() - kept

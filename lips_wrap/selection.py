@@ -69,13 +69,16 @@ def default_chunk(device: torch.device) -> int:
 
 
 def select_top_k(
-    score: Tensor, k: int, name: str = "score", chunk: Optional[int] = None
+    score: Tensor, k: int, name: str = "score", chunk: Optional[int] = None,
+    check: bool = True,
 ) -> Selection:
     """The :class:`Selection` keeping exactly ``k`` entries of ``score``.
 
     Keeps the ``k`` largest scores; ties at the threshold go to the lowest flat
-    indices. Raises :class:`NonFiniteScoreError` (a ``ValueError``) naming ``name`` if
-    the score holds NaN or inf.
+    indices. With ``check`` it raises :class:`NonFiniteScoreError` (a ``ValueError``)
+    naming ``name`` if the score holds NaN or inf (the test is fused into the pass);
+    without, the caller guarantees there is no NaN (e.g. a score of finite weights and
+    gradients, where an overflow to +inf is simply ranked first).
     """
     flat = score.reshape(-1)
     numel = flat.numel()
@@ -85,33 +88,37 @@ def select_top_k(
         raise TypeError(f"{name} must be a floating-point tensor, got {flat.dtype}")
     step = chunk or default_chunk(flat.device)
     if k in (0, numel):
-        _require_finite(flat, name)
+        if check:
+            _require_finite(flat, name)
         return Selection(math.inf, 0, 0) if k == 0 else Selection(-math.inf, numel, numel)
-    threshold, above, ties = kth_largest_counts(flat, k, name, step)
+    threshold, above, ties = kth_largest_counts(flat, k, name, step, check)
     needed = k - above
     cutoff = numel if needed == ties else _tie_cutoff(flat, threshold, needed, step)
     return Selection(threshold, cutoff, k)
 
 
 def kth_largest_counts(
-    flat: Tensor, k: int, name: str = "score", chunk: Optional[int] = None
+    flat: Tensor, k: int, name: str = "score", chunk: Optional[int] = None,
+    check: bool = True,
 ) -> Tuple[float, int, int]:
     """``(t, above, ties)``: the k-th largest value ``t`` of the 1-D ``flat`` (1 <= k <=
-    numel), how many entries exceed it and how many equal it."""
+    numel), how many entries exceed it and how many equal it. ``check`` as in
+    :func:`select_top_k`."""
     step = chunk or default_chunk(flat.device)
     numel = flat.numel()
     if numel <= SMALL:
-        _require_finite(flat, name)
+        if check:
+            _require_finite(flat, name)
         return _direct(flat, k)
     lo, hi = _bracket(flat, k)
-    found = _bracket_pass(flat, lo, hi, step, name)
+    found = _bracket_pass(flat, lo, hi, step, name, check)
     if found is not None:
         above, inside = found
         if isinstance(inside, int):  # lo == hi: ``inside`` counts the entries equal to it
             if above < k <= above + inside:
                 return lo, above, inside
         elif above < k <= above + inside.numel():
-            value, more, ties = kth_largest_counts(inside, k - above, name, step)
+            value, more, ties = kth_largest_counts(inside, k - above, name, step, check=False)
             return value, above + more, ties
     return _fallback(flat, k, step)
 
@@ -204,36 +211,68 @@ def _bracket(flat: Tensor, k: int) -> Tuple[float, float]:
 
 
 def _bracket_pass(
-    flat: Tensor, lo: float, hi: float, step: int, name: str
+    flat: Tensor, lo: float, hi: float, step: int, name: str, check: bool
 ) -> Optional[Tuple[int, Union[int, Tensor]]]:
     """Count entries above ``hi``; collect entries in ``[lo, hi]`` (or count them when
     ``lo == hi``). None if the candidates outgrow their budget."""
     numel = flat.numel()
     budget = max(numel // 8, SMALL)
-    counter = torch.empty(min(step, numel), dtype=torch.float32, device=flat.device)
-    above = torch.zeros((), dtype=torch.int64, device=flat.device)
-    equal = torch.zeros((), dtype=torch.int64, device=flat.device)
-    check = torch.zeros((), dtype=torch.float32, device=flat.device)
+    work = torch.empty(min(step, numel), dtype=torch.float32, device=flat.device)
+    above: List[Tensor] = []
+    equal: List[Tensor] = []
+    sums: List[Tensor] = []
     pieces: List[Tensor] = []
     held = 0
+    near = _Nearness(lo, hi, flat.dtype)
     for start in range(0, numel, step):
         part = flat[start:start + step]
-        buf = counter[:part.numel()]
-        check += part.sum(dtype=torch.float32)
-        above += torch.gt(part, hi, out=buf).sum().to(torch.int64)
+        buf = work[:part.numel()]
+        if check:
+            sums.append(part.sum(dtype=torch.float32))
+        above.append(torch.gt(part, hi, out=buf).sum())
         if lo == hi:
-            equal += torch.eq(part, hi, out=buf).sum().to(torch.int64)
+            equal.append(torch.eq(part, hi, out=buf).sum())
             continue
-        inside = part[torch.ge(part, lo).logical_and_(torch.le(part, hi))]
+        inside = near.superset(part, buf)
         held += inside.numel()
         if held > budget:
             return None
         pieces.append(inside)
-    if not bool(torch.isfinite(check)):  # NaN/inf, or a sum that overflowed: look closer
-        _require_finite(flat, name)
+    if check and not bool(torch.isfinite(torch.stack(sums).sum())):
+        _require_finite(flat, name)  # NaN/inf, or a sum that overflowed: look closer
+    count = _total(above)
     if lo == hi:
-        return int(above), int(equal)
-    return int(above), torch.cat(pieces) if pieces else flat[:0]
+        return count, _total(equal)
+    candidates = torch.cat(pieces) if pieces else flat[:0]
+    return count, candidates[torch.ge(candidates, lo).logical_and_(torch.le(candidates, hi))]
+
+
+def _total(counts: List[Tensor]) -> int:
+    """Sum of per-chunk float32 counts (each exact: a chunk has < 2**24 entries)."""
+    return int(torch.stack(counts).to(torch.int64).sum())
+
+
+class _Nearness:
+    """A fast test for ``lo <= x <= hi`` that may only err by including: ``|x - mid|
+    <= reach``, with ``reach`` widened by the rounding of the dtype's arithmetic. The
+    exact test runs afterwards on the few entries it lets through."""
+
+    def __init__(self, lo: float, hi: float, dtype: torch.dtype) -> None:
+        self.lo, self.hi = lo, hi
+        self.finite = math.isfinite(lo) and math.isfinite(hi)
+        if self.finite:
+            info = torch.finfo(dtype)
+            self.mid = (lo + hi) / 2
+            slack = 4 * max(info.eps, torch.finfo(torch.float32).eps)
+            self.reach = (hi - lo) / 2 * (1 + slack) + abs(self.mid) * slack + info.tiny
+
+    def superset(self, part: Tensor, buf: Tensor) -> Tensor:
+        if not self.finite:
+            keep = torch.ge(part, self.lo).logical_and_(torch.le(part, self.hi))
+            return part[keep]
+        torch.sub(part, self.mid, out=buf).abs_()
+        torch.le(buf, self.reach, out=buf)
+        return part.index_select(0, torch.nonzero(buf).view(-1))
 
 
 def _fallback(flat: Tensor, k: int, step: int) -> Tuple[float, int, int]:
