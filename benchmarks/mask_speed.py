@@ -86,24 +86,28 @@ def restore(lips: LIPS, originals: List[torch.Tensor], state: Dict) -> None:
 
 def measure(name: str, shapes: Shapes, densities: Sequence[float], repeats: int,
             baselines: bool) -> Tuple[List[List[str]], Dict[float, float]]:
-    other = TensorSet(shapes, seed=2)
+    others = list(TensorSet(shapes, seed=2).parameters())
     rows, ratios = [], {}
     for density in tqdm(densities, desc=name, leave=False):
-        lips, originals, state = client(shapes, density)
-        params = list(lips.model.parameters())
-        others = list(other.parameters())
-        with torch.no_grad():
-            fed = median_seconds(lambda: fedavg_two(params, others), repeats)
-            mask = median_seconds(lambda: lips.on_global_model(1), repeats,
-                                  setup=lambda: restore(lips, originals, state))
+        fed, mask, extra = one_density(shapes, density, others, repeats,
+                                       baselines and density == 0.5)
         ratios[density] = mask / fed
-        row = [name, f"{density:.1f}", f"{fed * 1e3:.0f}", f"{mask * 1e3:.0f}", f"{mask / fed:.2f}"]
-        if baselines and density == 0.5:
-            row += [f"{x / fed:.1f}" for x in alternatives(lips, originals, state, repeats)]
-        else:
-            row += ["", "", ""]
-        rows.append(row)
+        cells = [f"{x / fed:.1f}" for x in extra] + [""] * (3 - len(extra))
+        rows.append([name, f"{density:.1f}", f"{fed * 1e3:.0f}", f"{mask * 1e3:.0f}",
+                     f"{mask / fed:.2f}", *cells])
     return rows, ratios
+
+
+def one_density(shapes: Shapes, density: float, others: List[torch.Tensor], repeats: int,
+                baselines: bool) -> Tuple[float, float, List[float]]:
+    lips, originals, state = client(shapes, density)
+    params = list(lips.model.parameters())
+    with torch.no_grad():
+        fed = median_seconds(lambda: fedavg_two(params, others), repeats)
+        mask = median_seconds(lambda: lips.on_global_model(1), repeats,
+                              setup=lambda: restore(lips, originals, state))
+        extra = alternatives(lips, originals, state, repeats) if baselines else []
+    return fed, mask, extra
 
 
 def alternatives(lips: LIPS, originals, state, repeats: int) -> List[float]:
