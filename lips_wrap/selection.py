@@ -20,7 +20,7 @@ How it finds the k-th largest score (a sample-select, linear time, no sort):
 4. Only when ties straddle the threshold, a second pass finds the flat index up to
    which tied entries are kept.
 
-Extra memory is bounded by one chunk and the candidates (at most an eighth of the
+Extra memory is bounded by one chunk and the candidates (at most :data:`BUDGET` of the
 tensor), except in the fallback of step 3. The same code runs on any device; it does
 not call ``.item()`` inside the chunk loop.
 """
@@ -44,6 +44,8 @@ SMALL = 8192
 """Tensors at most this large are resolved directly by ``torch.kthvalue``."""
 SIGMAS = 5.0
 """Half-width of the bracket, in standard deviations of the sample rank."""
+BUDGET = 0.125
+"""Most candidates one bracket pass may collect, as a share of the tensor."""
 _SEED = 0x11_95
 
 
@@ -216,7 +218,7 @@ def _bracket_pass(
     """Count entries above ``hi``; collect entries in ``[lo, hi]`` (or count them when
     ``lo == hi``). None if the candidates outgrow their budget."""
     numel = flat.numel()
-    budget = max(numel // 8, SMALL)
+    budget = max(int(numel * BUDGET), SMALL)
     work = torch.empty(min(step, numel), dtype=torch.float32, device=flat.device)
     above: List[Tensor] = []
     equal: List[Tensor] = []

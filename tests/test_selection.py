@@ -35,8 +35,10 @@ def reference_mask(score: torch.Tensor, k: int) -> torch.Tensor:
 def tiny_constants(monkeypatch):
     """Shrink the sample and the direct-solve size so small tensors take every path
     (bracket, candidates, recursion, tie pass, fallback)."""
-    monkeypatch.setattr(selection, "SAMPLE", 8)
-    monkeypatch.setattr(selection, "SMALL", 4)
+    monkeypatch.setattr(selection, "SAMPLE", 64)
+    monkeypatch.setattr(selection, "SMALL", 16)
+    monkeypatch.setattr(selection, "SIGMAS", 1.0)  # narrow brackets: some miss
+    monkeypatch.setattr(selection, "BUDGET", 0.5)
 
 
 values = st.one_of(
