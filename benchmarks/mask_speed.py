@@ -5,8 +5,9 @@ and ResNet-50's convolutions (23M), every tensor eligible. The mask is the whole
 client path, ``LIPS.on_global_model`` on a mask round with the sensitivity score
 (finite checks, scores, selection, weights and optimizer state masked). FedAvg is
 the usual sample-weighted sum of two state dicts, ``w_a * A + w_b * B`` per tensor
-(``torch.mul`` then ``add_``). ``torch.topk``, ``torch.kthvalue`` and a full
-``torch.sort`` of the same scores are the alternatives LIPS does not use.
+(``torch.mul`` then ``add_``), timed in alternation with the mask. ``torch.topk``,
+``torch.kthvalue`` and a full ``torch.sort`` of the same scores are the alternatives
+LIPS does not use.
 
 Run: ``nice -n 10 python benchmarks/mask_speed.py`` (``--quick`` for a smoke run).
 One thread on both sides. Last line: ``mask/fedavg ratio: X`` (d=0.5, GPT-2 shapes).
@@ -18,7 +19,7 @@ import argparse
 from typing import Dict, List, Sequence, Tuple
 
 import torch
-from timing import median_seconds, single_thread, table
+from timing import median_seconds, paired_medians, single_thread, table
 from torch import nn
 from tqdm import tqdm
 
@@ -103,9 +104,9 @@ def one_density(shapes: Shapes, density: float, others: List[torch.Tensor], repe
     lips, originals, state = client(shapes, density)
     params = list(lips.model.parameters())
     with torch.no_grad():
-        fed = median_seconds(lambda: fedavg_two(params, others), repeats)
-        mask = median_seconds(lambda: lips.on_global_model(1), repeats,
-                              setup=lambda: restore(lips, originals, state))
+        fed, mask = paired_medians(lambda: fedavg_two(params, others),
+                                   lambda: lips.on_global_model(1), repeats,
+                                   setup_second=lambda: restore(lips, originals, state))
         extra = alternatives(lips, originals, state, repeats) if baselines else []
     return fed, mask, extra
 

@@ -16,13 +16,11 @@ from __future__ import annotations
 import argparse
 import copy
 import math
-import statistics
-import time
-from typing import Callable, List, Tuple
+from typing import Callable, Tuple
 
 import timm
 import torch
-from timing import median_seconds, single_thread, table
+from timing import median_seconds, paired_medians, single_thread, table
 from torch import nn
 from tqdm import tqdm
 
@@ -60,16 +58,9 @@ def compare(build: Callable, make_opt: Callable, batch: int, repeats: int
     lips = LIPS(lips_model, make_opt(lips_model.parameters()), LIPSConfig(total_rounds=100))
     wrapped = stepper(lips_model, lips.optimizer, batch)
     bare(), wrapped()  # warm-up, creates optimizer state and gradient buffers
-    bare_times: List[float] = []
-    lips_times: List[float] = []
-    for _ in range(repeats):
-        for run, times in ((bare, bare_times), (wrapped, lips_times)):
-            start = time.perf_counter()
-            run()
-            times.append(time.perf_counter() - start)
+    bare_median, lips_median = paired_medians(bare, wrapped, repeats)
     capture = median_seconds(lips.optimizer._capture_grads, repeats)
-    bare_median = statistics.median(bare_times)
-    return bare_median, statistics.median(lips_times), capture / bare_median
+    return bare_median, lips_median, capture / bare_median
 
 
 def main() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
@@ -30,6 +30,23 @@ def median_seconds(
         if index >= warmup:
             times.append(elapsed)
     return statistics.median(times)
+
+
+def paired_medians(
+    first: Callable[[], object], second: Callable[[], object], repeats: int,
+    setup_second: Optional[Callable[[], object]] = None,
+) -> Tuple[float, float]:
+    """Medians of ``first()`` and ``second()`` timed in alternation (after one untimed
+    call each), so load on a shared machine hits both sides alike."""
+    firsts: List[float] = []
+    seconds: List[float] = []
+    for index in range(repeats + 1):
+        firsts.append(median_seconds(first, 1, warmup=0))
+        seconds.append(median_seconds(second, 1, setup=setup_second, warmup=0))
+        if index == 0:
+            firsts.clear()
+            seconds.clear()
+    return statistics.median(firsts), statistics.median(seconds)
 
 
 def table(header: List[str], rows: List[List[str]]) -> str:
