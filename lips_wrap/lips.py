@@ -12,9 +12,10 @@ from torch import nn
 
 from .config import LIPSConfig
 from .layers import LayerPlan, find_layers
-from .masking import apply_mask_, check_finite, compute_score, keep_count, keep_mask
+from .masking import check_finite, compute_score, keep_count
 from .optimizer import LIPSOptimizer
 from .schedule import check_round, density_at
+from .selection import apply_selection_, select_top_k
 
 logger = logging.getLogger(__name__)
 
@@ -174,9 +175,10 @@ class LIPS:
                 generator = score_generator(cfg.seed, round_index, name, param.device)
             score = compute_score(kind, param, grad, generator)
             kept = keep_count(param.numel(), density)
-            mask = keep_mask(score, kept, name)
-            apply_mask_(param, mask)
-            self.optimizer.mask_state_(param, mask)
+            # Weights and gradients were checked above, so the score holds no NaN.
+            selection = select_top_k(score, kept, name, check=False)
+            apply_selection_([param, *self.optimizer.state_tensors(param)], score, selection)
+            del score
             zeroed += param.numel() - kept
         if fallback:
             logger.info(

@@ -3,7 +3,8 @@
 Every score is "higher is kept". :func:`keep_mask` keeps exactly ``k`` entries: all
 entries scoring above the k-th largest score, then, among the entries that tie with
 it, those with the lowest flat (row-major) index. The result is deterministic and does
-not depend on the device or on how the selection is computed.
+not depend on the device or on how the selection is computed (see
+:mod:`lips_wrap.selection`, which finds it without sorting).
 """
 
 from __future__ import annotations
@@ -12,7 +13,11 @@ from typing import Callable, Dict, Optional
 
 import torch
 
+from .selection import kth_largest_counts, select_top_k, selection_mask
+
 Tensor = torch.Tensor
+SCORE_CHUNK = 1 << 16
+"""Entries per chunk when a score is computed from contiguous CPU tensors."""
 
 
 def keep_count(numel: int, density: float) -> int:
@@ -24,12 +29,24 @@ def keep_count(numel: int, density: float) -> int:
 
 
 def sensitivity_score(weight: Tensor, grad: Tensor) -> Tensor:
-    """``|g * W|`` in float32 (the paper's ``sensityk``)."""
+    """``|g * W|`` in float32 (the paper's ``sensityk``), computed as ``float32(W) *
+    float32(g)``; on CPU chunk by chunk, so the conversions stay in cache."""
     if grad.shape != weight.shape:
         raise ValueError(
             f"gradient shape {tuple(grad.shape)} differs from weight shape {tuple(weight.shape)}"
         )
-    return torch.mul(weight.to(torch.float32), grad.to(weight.device)).abs_()
+    grad = grad.to(weight.device, non_blocking=True)
+    if weight.device.type != "cpu" or not (weight.is_contiguous() and grad.is_contiguous()):
+        return torch.mul(weight.to(torch.float32), grad.to(torch.float32)).abs_()
+    score = torch.empty(weight.shape, dtype=torch.float32)
+    flat, w_flat, g_flat = score.view(-1), weight.view(-1), grad.view(-1)
+    for start in range(0, flat.numel(), SCORE_CHUNK):
+        end = start + SCORE_CHUNK
+        w_part, g_part = w_flat[start:end], g_flat[start:end]
+        if w_part.dtype != torch.float32 and g_part.dtype != torch.float32:
+            w_part = w_part.to(torch.float32)
+        torch.mul(w_part, g_part, out=flat[start:end]).abs_()
+    return score
 
 
 def magnitude_score(weight: Tensor) -> Tensor:
@@ -79,7 +96,15 @@ def compute_score(
 
 
 def check_finite(tensor: Tensor, what: str) -> None:
-    """Raise ``ValueError`` naming ``what`` if ``tensor`` holds NaN or inf."""
+    """Raise ``ValueError`` naming ``what`` if ``tensor`` holds NaN or inf.
+
+    One float32 sum decides (NaN and inf propagate into it); only a non-finite sum,
+    which may also come from an overflow, is followed by the exact element check.
+    """
+    if not tensor.is_floating_point():
+        return
+    if bool(torch.isfinite(tensor.sum(dtype=torch.float32))):
+        return
     if not bool(torch.isfinite(tensor).all()):
         bad = int((~torch.isfinite(tensor)).sum())
         raise ValueError(
@@ -89,12 +114,14 @@ def check_finite(tensor: Tensor, what: str) -> None:
 
 
 def kth_largest(score: Tensor, k: int) -> Tensor:
-    """The ``k``-th largest value of ``score`` (1 <= k <= numel), without a full sort."""
+    """The ``k``-th largest value of ``score`` (1 <= k <= numel), without sorting;
+    a 0-dim tensor of ``score``'s dtype and device."""
     flat = score.reshape(-1)
     numel = flat.numel()
     if not 1 <= k <= numel:
         raise ValueError(f"k must be in [1, {numel}], got {k}")
-    return torch.kthvalue(flat, numel - k + 1).values
+    value, _, _ = kth_largest_counts(flat, k)
+    return torch.tensor(value, dtype=score.dtype, device=score.device)
 
 
 def keep_mask(score: Tensor, k: int, name: str = "score") -> Tensor:
@@ -106,20 +133,7 @@ def keep_mask(score: Tensor, k: int, name: str = "score") -> Tensor:
     numel = score.numel()
     if not 0 <= k <= numel:
         raise ValueError(f"k must be in [0, {numel}] for {name}, got {k}")
-    check_finite(score, f"the score of {name}")
-    if k == numel:
-        return torch.ones_like(score, dtype=torch.bool)
-    if k == 0:
-        return torch.zeros_like(score, dtype=torch.bool)
-    threshold = kth_largest(score, k)
-    mask = score > threshold
-    missing = k - int(mask.sum())
-    ties = score == threshold
-    if int(ties.sum()) > missing:
-        flat_ties = ties.reshape(-1)
-        first = flat_ties.cumsum(0) <= missing
-        ties = (flat_ties & first).reshape(score.shape)
-    return mask.logical_or_(ties)
+    return selection_mask(score, select_top_k(score, k, f"the score of {name}"))
 
 
 def apply_mask_(tensor: Tensor, mask: Tensor) -> Tensor:

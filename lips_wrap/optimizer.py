@@ -10,7 +10,7 @@ optimizer state of a parameter where a mask is False.
 from __future__ import annotations
 
 import weakref
-from typing import Any, Callable, Dict, Iterable, Optional
+from typing import Any, Callable, Dict, Iterable, List, Optional
 
 import torch
 
@@ -55,6 +55,7 @@ class LIPSOptimizer(torch.optim.Optimizer):
         self._grads: Dict[torch.nn.Parameter, Optional[torch.Tensor]] = {
             p: None for p in tracked
         }
+        self._pending: Optional[torch.device] = None
 
     # -- delegation ---------------------------------------------------------------
     def __getattr__(self, name: str) -> Any:
@@ -112,25 +113,45 @@ class LIPSOptimizer(torch.optim.Optimizer):
 
     # -- LIPS ---------------------------------------------------------------------
     def _capture_grads(self) -> None:
+        """Copy every tracked gradient into its ``grad_dtype`` buffer: one fused
+        ``torch._foreach_copy_`` (it converts the dtype), asynchronous when the buffers
+        are pinned CPU memory and the gradients live on an accelerator."""
+        targets: List[torch.Tensor] = []
+        sources: List[torch.Tensor] = []
+        for param, buffer in self._grads.items():
+            grad = param.grad
+            if grad is None:
+                continue
+            if grad.is_sparse:
+                raise ValueError(
+                    "LIPS cannot keep sparse gradients; use dense layers for the "
+                    "tensors it masks"
+                )
+            if buffer is None:
+                buffer = self._new_buffer(param)
+                self._grads[param] = buffer
+            targets.append(buffer)
+            sources.append(grad)
+        if not targets:
+            return
+        asynchronous = sources[0].device.type != "cpu" and targets[0].device.type == "cpu"
         with torch.no_grad():
-            for param, buffer in self._grads.items():
-                grad = param.grad
-                if grad is None:
-                    continue
-                if grad.is_sparse:
-                    raise ValueError(
-                        "LIPS cannot keep sparse gradients; use dense layers for the "
-                        "tensors it masks"
-                    )
-                if buffer is None:
-                    buffer = torch.empty_like(
-                        param, dtype=self.grad_dtype, device=self.grad_device or param.device
-                    )
-                    self._grads[param] = buffer
-                buffer.copy_(grad, non_blocking=True)
+            torch._foreach_copy_(targets, sources, non_blocking=asynchronous)
+        if asynchronous:
+            self._pending = sources[0].device
+
+    def _new_buffer(self, param: torch.nn.Parameter) -> torch.Tensor:
+        device = self.grad_device or param.device
+        pinned = device.type == "cpu" and param.device.type == "cuda"
+        return torch.empty(
+            param.shape, dtype=self.grad_dtype, device=device, pin_memory=pinned
+        )
 
     def captured_grad(self, param: torch.nn.Parameter) -> Optional[torch.Tensor]:
         """The gradient kept from the last step for ``param``, or None before any step."""
+        if self._pending is not None:  # wait for asynchronous copies to pinned memory
+            torch.cuda.synchronize(self._pending)
+            self._pending = None
         return self._grads[param]
 
     def set_captured_grad(
@@ -140,15 +161,21 @@ class LIPSOptimizer(torch.optim.Optimizer):
         if grad is None:
             self._grads[param] = None
             return
-        device = self.grad_device or param.device
-        self._grads[param] = grad.detach().to(device=device, dtype=self.grad_dtype, copy=True)
+        buffer = self._new_buffer(param)
+        buffer.copy_(grad.detach())
+        self._grads[param] = buffer
+
+    def state_tensors(self, param: torch.nn.Parameter) -> List[torch.Tensor]:
+        """Every state tensor of ``param``'s shape (momentum, Adam moments, ...)."""
+        return [
+            value for value in self.original_optimizer.state.get(param, {}).values()
+            if isinstance(value, torch.Tensor) and value.shape == param.shape
+        ]
 
     def mask_state_(self, param: torch.nn.Parameter, mask: torch.Tensor) -> int:
         """Zero, where ``mask`` is False, every state tensor of ``param``'s shape
         (momentum, Adam moments, ...). Returns how many state tensors were masked."""
-        masked = 0
-        for value in self.original_optimizer.state.get(param, {}).values():
-            if isinstance(value, torch.Tensor) and value.shape == param.shape:
-                apply_mask_(value, mask.to(value.device))
-                masked += 1
-        return masked
+        values = self.state_tensors(param)
+        for value in values:
+            apply_mask_(value, mask.to(value.device))
+        return len(values)
