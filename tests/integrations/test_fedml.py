@@ -8,8 +8,12 @@ with its own HOME and working folder.
 from __future__ import annotations
 
 import copy
+import os
 import socket
+import subprocess
+import sys
 from collections import OrderedDict
+from pathlib import Path
 from typing import Dict, List, Tuple
 
 import pytest
@@ -19,156 +23,43 @@ from torch import nn
 fedml = pytest.importorskip("fedml")
 
 from fedml import FedMLRunner  # noqa: E402
-from fedml.core import ClientTrainer, ServerAggregator  # noqa: E402
+from fedml_nodes import (  # noqa: E402  (beside this file)
+    CLIENTS,
+    PERIOD,
+    START,
+    LIPSRecordingAggregator,
+    LIPSRecordingTrainer,
+    RecordingAggregator,
+    RecordingTrainer,
+    guard_network,
+    mlp,
+    synthetic_dataset,
+)
 
 from lips_wrap import LIPSConfig, density_at, find_layers, mask_global_state  # noqa: E402
 from lips_wrap.integrations.fedml import (  # noqa: E402
     FedAvgSimulation,
-    LIPSAggregatorMixin,
-    LIPSTrainerMixin,
-    fedml_dataset,
     lips_config_from_args,
     offline_args,
 )
 
-CLIENTS, ROUNDS, PERIOD, START = 4, 5, 2, 0.5
-LOOPBACK = {"127.0.0.1", "::1", "localhost"}
+ROUNDS = 5
 
 
 @pytest.fixture(autouse=True)
 def offline(tmp_path, monkeypatch):
     """Own HOME and working folder; any non-loopback connect or lookup fails the test."""
     attempts: List[str] = []
-    real_connect, real_lookup = socket.socket.connect, socket.getaddrinfo
-
-    def guarded_connect(sock, address):
-        if sock.family != socket.AF_UNIX and address[0] not in LOOPBACK:
-            attempts.append(f"connect {address!r}")
-            raise OSError(f"test guard: no network ({address!r})")
-        return real_connect(sock, address)
-
-    def guarded_lookup(host, *args, **kwargs):
-        if host is not None and host not in LOOPBACK:
-            attempts.append(f"getaddrinfo {host!r}")
-            raise OSError(f"test guard: no network ({host!r})")
-        return real_lookup(host, *args, **kwargs)
-
-    monkeypatch.setattr(socket.socket, "connect", guarded_connect)
-    monkeypatch.setattr(socket, "getaddrinfo", guarded_lookup)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.setenv("WANDB_MODE", "disabled")
     monkeypatch.chdir(tmp_path)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    undo = guard_network(attempts)
     yield attempts
+    undo()
     torch.set_num_threads(threads)
     assert attempts == [], f"network attempts: {attempts}"
-
-
-def mlp() -> nn.Module:
-    torch.manual_seed(0)
-    # Tanh, not ReLU: every weight gets a non-zero gradient, so masked entries regrow
-    # and the model a client receives holds no zeros (exact density counts below).
-    return nn.Sequential(
-        nn.Linear(12, 24), nn.Tanh(), nn.Linear(24, 24), nn.Tanh(),
-        nn.Linear(24, 24), nn.Tanh(), nn.Linear(24, 3),
-    )
-
-
-def synthetic_dataset(batch_size: int = 10) -> list:
-    """Four clients with skewed labels of a fixed random linear task."""
-    generator = torch.Generator().manual_seed(1)
-    weights = torch.randn(12, 3, generator=generator)
-    parts = []
-    for client in range(CLIENTS):
-        x = torch.randn(60, 12, generator=generator) + 0.5 * client
-        y = (x @ weights).argmax(dim=1)
-        parts.append((x[:40], y[:40]))
-        parts.append((x[40:], y[40:]))
-    return fedml_dataset(parts[0::2], parts[1::2], class_num=3, batch_size=batch_size)
-
-
-class RecordingTrainer(ClientTrainer):
-    """A plain FedML trainer (SGD with momentum, fresh each round) that records what
-    each client received and the weights it starts training from."""
-
-    def __init__(self, model, args):
-        super().__init__(model, args)
-        self.delivered: Dict[Tuple[int, int], Dict[str, torch.Tensor]] = {}
-        self.starts: Dict[Tuple[int, int], Dict[str, torch.Tensor]] = {}
-        self._last_delivered = None
-
-    def get_model_params(self):
-        return copy.deepcopy(self.model.cpu().state_dict())
-
-    def set_model_params(self, model_parameters):
-        self.model.load_state_dict(model_parameters)
-        self._last_delivered = copy.deepcopy(self.model.state_dict())
-
-    def prepare(self, optimizer, args):
-        return optimizer
-
-    def train(self, train_data, device, args):
-        self.model.to(device).train()
-        optimizer = torch.optim.SGD(self.model.parameters(), lr=args.learning_rate, momentum=0.9)
-        optimizer = self.prepare(optimizer, args)
-        key = (args.round_idx, self.id)
-        self.delivered[key] = self._last_delivered
-        self.starts[key] = copy.deepcopy(self.model.state_dict())
-        loss_fn = nn.CrossEntropyLoss()
-        for _ in range(args.epochs):
-            for x, y in train_data:
-                optimizer.zero_grad()
-                loss_fn(self.model(x.to(device)), y.to(device)).backward()
-                optimizer.step()
-
-    @torch.no_grad()
-    def test(self, test_data, device, args):
-        self.model.to(device).eval()
-        correct = total = 0
-        loss = 0.0
-        for x, y in test_data:
-            logits = self.model(x.to(device))
-            loss += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
-            correct += int((logits.argmax(dim=1) == y).sum())
-            total += len(y)
-        return {"test_correct": correct, "test_total": total, "test_loss": loss}
-
-
-class LIPSRecordingTrainer(LIPSTrainerMixin, RecordingTrainer):
-    def prepare(self, optimizer, args):
-        optimizer = self.lips_optimizer(optimizer, args)
-        self.reports[(args.round_idx, self.id)] = self.lips_report
-        return optimizer
-
-    def __init__(self, model, args, **kwargs):
-        super().__init__(model, args, **kwargs)
-        self.reports = {}
-
-
-class RecordingAggregator(ServerAggregator):
-    """A plain FedML aggregator that records each aggregate before any LIPS step."""
-
-    def __init__(self, model, args):
-        super().__init__(model, args)
-        self.aggregated: Dict[int, Dict[str, torch.Tensor]] = {}
-
-    def get_model_params(self):
-        return self.model.cpu().state_dict()
-
-    def set_model_params(self, model_parameters):
-        self.model.load_state_dict(model_parameters)
-
-    def on_after_aggregation(self, aggregated_model_or_grad):
-        self.aggregated[self.args.round_idx] = copy.deepcopy(aggregated_model_or_grad)
-        return super().on_after_aggregation(aggregated_model_or_grad)
-
-    def test(self, test_data, device, args):
-        return None
-
-
-class LIPSRecordingAggregator(LIPSAggregatorMixin, RecordingAggregator):
-    pass
 
 
 def make_args(**extra):
@@ -181,6 +72,10 @@ def make_args(**extra):
 
 def eligible_names(model: nn.Module) -> Tuple[str, ...]:
     return find_layers(model).eligible_names
+
+
+def same_state(a: Dict[str, torch.Tensor], b: Dict[str, torch.Tensor]) -> bool:
+    return list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def assert_masked(start: Dict[str, torch.Tensor], delivered: Dict[str, torch.Tensor],
@@ -221,7 +116,7 @@ def test_sp_simulation_client_side_lips_masks_exactly_on_mask_rounds(tmp_path):
     for (rnd, client), start in trainer.starts.items():
         delivered = trainer.delivered[(rnd, client)]
         if rnd > 0:  # every client receives FedML's aggregate of the previous round
-            assert all(torch.equal(delivered[k], v) for k, v in aggregator.aggregated[rnd - 1].items())
+            assert same_state(delivered, aggregator.aggregated[rnd - 1])
         assert_masked(start, delivered, names, density_at(rnd, config))
         report = trainer.reports[(rnd, client)]
         assert report.masked == (rnd in mask_rounds) and report.fallback == ()
@@ -243,13 +138,13 @@ def test_sp_simulation_server_side_lips_masks_the_sent_model():
     sent = {0: initial}
     for rnd in range(1, ROUNDS):
         received = [trainer.delivered[(rnd, c)] for c in range(CLIENTS)]
-        assert all(all(torch.equal(r[k], received[0][k]) for k in r) for r in received)
+        assert all(same_state(r, received[0]) for r in received)
         sent[rnd] = received[0]
         assert_masked(sent[rnd], aggregator.aggregated[rnd - 1], names, density_at(rnd, config))
         # the core's scoring, |(aggregate - model sent last round) * aggregate|
         expected, report = mask_global_state(
             aggregator.aggregated[rnd - 1], sent[rnd - 1], aggregator.lips_plan, rnd, config)
-        assert all(torch.equal(expected[k], sent[rnd][k]) for k in expected)
+        assert same_state(expected, sent[rnd])
         assert aggregator.lips_reports[rnd] == report and report.fallback == ()
     assert [r for r, rep in aggregator.lips_reports.items() if rep.masked] == [1, 3]
     assert isinstance(sent[1], OrderedDict)
@@ -278,3 +173,60 @@ def test_guard_sees_the_cloud_request_that_fedml_init_makes(offline):
     assert offline and all("fedml.ai" in attempt or "tensoropera" in attempt
                            for attempt in offline), offline
     offline.clear()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_cross_silo_grpc_on_localhost_with_client_side_lips(tmp_path):
+    """A server and two clients as processes, FedML's gRPC backend on 127.0.0.1 only;
+    the clients use LIPSTrainerMixin (round index from FedML's args.round_idx)."""
+    clients, rounds = 2, 3
+    ports = [free_port() for _ in range(clients + 1)]
+    ipconfig = tmp_path / "grpc_ipconfig.csv"
+    ipconfig.write_text("eid,rank,grpc_server_ip,grpc_server_port\n" + "".join(
+        f"{rank},{rank},127.0.0.1,{port}\n" for rank, port in enumerate(ports)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    node = Path(__file__).with_name("fedml_nodes.py")
+    processes = []
+    try:
+        for rank in range(clients + 1):
+            command = [sys.executable, str(node), "--rank", str(rank), "--clients", str(clients),
+                       "--rounds", str(rounds), "--ipconfig", str(ipconfig),
+                       "--out", str(tmp_path / f"node{rank}.pt"), "--timeout", "150"]
+            with open(tmp_path / f"node{rank}.log", "w") as log:
+                processes.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                                  env=env, cwd=tmp_path))
+        codes = [process.wait(timeout=170) for process in processes]
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    logs = {rank: (tmp_path / f"node{rank}.log").read_text()[-3000:] for rank in range(clients + 1)}
+    assert codes == [0] * (clients + 1), logs
+
+    results = [torch.load(tmp_path / f"node{rank}.pt", weights_only=False)
+               for rank in range(clients + 1)]
+    assert all(result["attempts"] == [] for result in results)
+    aggregated = results[0]["aggregated"]
+    assert sorted(aggregated) == list(range(rounds))
+    config = LIPSConfig(total_rounds=rounds, period=PERIOD, start_density=START)
+    names = eligible_names(mlp())
+    for rank, result in enumerate(results[1:], start=1):
+        client = rank - 1  # FedML's trainer id in cross-silo
+        assert result["id"] == client
+        assert sorted(result["starts"]) == [(r, client) for r in range(rounds)]
+        for (rnd, _), start in result["starts"].items():
+            delivered = result["delivered"][(rnd, client)]
+            if rnd > 0:
+                assert same_state(delivered, aggregated[rnd - 1])
+            assert_masked(start, delivered, names, density_at(rnd, config))
+            assert result["reports"][(rnd, client)] == (
+                (True, START, ()) if rnd == 1 else (False, None, ()))
+    traces = tmp_path / "home" / ".fedml" / "fedml_trace"  # FedMLRunner writes to HOME
+    assert len(list(traces.iterdir())) == clients + 1
