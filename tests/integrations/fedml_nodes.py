@@ -14,6 +14,7 @@ import faulthandler
 import logging
 import socket
 import time
+from pathlib import Path
 from typing import Callable, Dict, List, Tuple
 
 import torch
@@ -176,20 +177,25 @@ def node_args(rank: int, clients: int, rounds: int, ipconfig: str):
     )
 
 
-def wait_for_server(ipconfig: str, timeout: float) -> None:
-    """Block until the server (eid 0 in the gRPC ipconfig CSV) accepts connections: a
-    FedML client that cannot reach the server raises while its gRPC threads keep the
-    process alive, so clients must not start first."""
+def wait_until(ready: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} not ready after {timeout} s")
+        time.sleep(0.2)
+
+
+def server_listening(ipconfig: str) -> Callable[[], bool]:
+    """Whether the server (eid 0 in the gRPC ipconfig CSV) accepts connections."""
     with open(ipconfig) as handle:
         row = next(r for r in csv.DictReader(handle) if r["eid"] == "0")
     address = (row["grpc_server_ip"], int(row["grpc_server_port"]))
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+
+    def ready() -> bool:
         with socket.socket() as sock:
-            if sock.connect_ex(address) == 0:
-                return
-        time.sleep(0.2)
-    raise TimeoutError(f"no FedML server at {address} after {timeout} s")
+            return sock.connect_ex(address) == 0
+
+    return ready
 
 
 def main() -> None:
@@ -211,12 +217,19 @@ def main() -> None:
     args = node_args(cli.rank, cli.clients, cli.rounds, cli.ipconfig)
     model = mlp()
     dataset = synthetic_dataset(clients=cli.clients)
+    # Start order: FedML's gRPC message loop busy-waits, so the server starts it once
+    # every client has imported FedML; a client that cannot reach the server raises while
+    # its gRPC threads keep the process alive, so clients wait for the server.
+    folder = Path(cli.out).parent
+    (folder / f"ready{cli.rank}").touch()
     if cli.rank == 0:
+        wait_until(lambda: all((folder / f"ready{rank}").exists()
+                               for rank in range(1, cli.clients + 1)), cli.timeout, "clients")
         aggregator = RecordingAggregator(model, args)
         FedMLRunner(args, "cpu", dataset, model, server_aggregator=aggregator).run()
         result = {"aggregated": aggregator.aggregated}
     else:
-        wait_for_server(cli.ipconfig, cli.timeout)
+        wait_until(server_listening(cli.ipconfig), cli.timeout, "FedML server")
         trainer = LIPSRecordingTrainer(model, args)
         FedMLRunner(args, "cpu", dataset, model, client_trainer=trainer).run()
         result = {"starts": trainer.starts, "delivered": trainer.delivered, "id": trainer.id,
