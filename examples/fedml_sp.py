@@ -18,7 +18,7 @@ import copy
 import time
 
 import torch
-from digits_cnn import load_data, small_cnn  # beside this file
+from digits_cnn import load_data, run_options, small_cnn  # beside this file
 from fedml.core import ClientTrainer, ServerAggregator
 from torch import nn
 from tqdm import tqdm
@@ -101,14 +101,8 @@ class LIPSDigitsAggregator(LIPSAggregatorMixin, DigitsAggregator):   # LIPS
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=30)
-    parser.add_argument("--clients", type=int, default=20)
-    parser.add_argument("--alpha", type=float, default=0.1)
-    parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=0.05)
-    parser.add_argument("--seed", type=int, default=0)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     parents=[run_options(rounds=30)])
     parser.add_argument("--period", type=int, default=5)
     parser.add_argument("--start-density", type=float, default=0.5)
     parser.add_argument("--server-side", action="store_true",

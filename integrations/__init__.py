@@ -3,4 +3,6 @@
 
 - ``custom``: helpers for hand-written FedAvg loops (data splits, aggregation,
   personalized evaluation); numpy and torch only.
+- ``fedml``: ``ClientTrainer`` / ``ServerAggregator`` mixins, FedML's single-process
+  FedAvg running them, offline FedML arguments (extra ``fedml``, FedML 0.9.6).
 """

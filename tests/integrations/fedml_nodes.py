@@ -21,6 +21,7 @@ import torch
 from fedml.core import ClientTrainer, ServerAggregator
 from torch import nn
 
+from lips_wrap.integrations.custom import local_train
 from lips_wrap.integrations.fedml import (
     LIPSAggregatorMixin,
     LIPSTrainerMixin,
@@ -107,12 +108,9 @@ class RecordingTrainer(ClientTrainer):
         key = (args.round_idx, self.id)
         self.delivered[key] = self._last_delivered
         self.starts[key] = copy.deepcopy(self.model.state_dict())
-        loss_fn = nn.CrossEntropyLoss()
-        for _ in range(args.epochs):
-            for x, y in train_data:
-                optimizer.zero_grad()
-                loss_fn(self.model(x.to(device)), y.to(device)).backward()
-                optimizer.step()
+        inputs, targets = train_data.dataset.tensors
+        local_train(self.model, optimizer, inputs, targets, args.epochs, args.batch_size,
+                    torch.Generator().manual_seed(1000 * args.round_idx + self.id))
 
     @torch.no_grad()
     def test(self, test_data, device, args):
