@@ -110,7 +110,7 @@ class RecordingTrainer(ClientTrainer):
         self.starts[key] = copy.deepcopy(self.model.state_dict())
         inputs, targets = train_data.dataset.tensors
         local_train(self.model, optimizer, inputs, targets, args.epochs, args.batch_size,
-                    torch.Generator().manual_seed(1000 * args.round_idx + self.id))
+                    torch.Generator().manual_seed(1000 * args.round_idx + int(self.id)))
 
     @torch.no_grad()
     def test(self, test_data, device, args):

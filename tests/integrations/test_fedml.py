@@ -37,6 +37,7 @@ from fedml_nodes import (  # noqa: E402  (beside this file)
 )
 
 from lips_wrap import LIPSConfig, density_at, find_layers, mask_global_state  # noqa: E402
+from lips_wrap.integrations.custom import local_train  # noqa: E402
 from lips_wrap.integrations.fedml import (  # noqa: E402
     FedAvgSimulation,
     lips_config_from_args,
@@ -63,11 +64,12 @@ def offline(tmp_path, monkeypatch):
 
 
 def make_args(**extra):
-    return offline_args(
+    settings = dict(
         client_num_in_total=CLIENTS, client_num_per_round=CLIENTS, comm_round=ROUNDS,
         epochs=2, batch_size=10, learning_rate=0.05, frequency_of_the_test=100,
-        lips_period=PERIOD, lips_start_density=START, **extra,
+        lips_period=PERIOD, lips_start_density=START,
     )
+    return offline_args(**{**settings, **extra})
 
 
 def eligible_names(model: nn.Module) -> Tuple[str, ...]:
@@ -230,3 +232,51 @@ def test_cross_silo_grpc_on_localhost_with_client_side_lips(tmp_path):
                 (True, START, ()) if rnd == 1 else (False, None, ()))
     traces = tmp_path / "home" / ".fedml" / "fedml_trace"  # FedMLRunner writes to HOME
     assert len(list(traces.iterdir())) == clients + 1
+
+
+def test_sp_partial_participation_keeps_each_clients_own_state():
+    """6 clients, 3 sampled per round by FedML: each client masks with its own stored
+    gradients, and one that never trained before a mask round falls back to magnitude."""
+    total = 6
+    args, model = make_args(client_num_in_total=total, client_num_per_round=3), mlp()
+    trainer = LIPSRecordingTrainer(model, args)
+    aggregator = RecordingAggregator(model, args)
+    dataset = synthetic_dataset(clients=total)
+    FedAvgSimulation(args, "cpu", dataset, model, trainer, aggregator).run()
+
+    names, config = eligible_names(model), trainer.lips_config
+    assert len(trainer.starts) == 3 * ROUNDS
+    trained_before = set()
+    fallbacks = 0
+    for rnd in range(ROUNDS):
+        for client in sorted(c for r, c in trainer.starts if r == rnd):
+            key = (rnd, client)
+            assert_masked(trainer.starts[key], trainer.delivered[key], names,
+                          density_at(rnd, config))
+            report = trainer.reports[key]
+            if report.masked:
+                expected = () if client in trained_before else names
+                assert report.fallback == expected, key
+                fallbacks += client not in trained_before
+        trained_before |= {c for r, c in trainer.starts if r == rnd}
+    assert len({c for _, c in trainer.starts}) > 3 and fallbacks >= 1
+
+
+def test_optimizer_kept_across_rounds_has_its_state_masked_with_the_weights():
+    args, model = make_args(), mlp()
+    trainer = LIPSRecordingTrainer(model, args)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    inputs, targets = torch.randn(20, 12), torch.randint(0, 3, (20,))
+    lips_objects = []
+    for rnd in range(2):
+        args.round_idx = rnd
+        wrapped = trainer.lips_optimizer(optimizer, args)
+        lips_objects.append(trainer.lips)
+        if rnd == 1:
+            assert trainer.lips_report.masked
+            for name in eligible_names(model):
+                weight = model.get_parameter(name)
+                momentum = optimizer.state[weight]["momentum_buffer"]
+                assert torch.equal(momentum == 0, weight == 0) and (weight == 0).any(), name
+        local_train(model, wrapped, inputs, targets, 1, 10, torch.Generator().manual_seed(rnd))
+    assert lips_objects[0] is lips_objects[1]
