@@ -230,15 +230,15 @@ class FedAvgSimulation(FedAvgAPI):
         self.model_trainer = server_aggregator  # the loop's global-model get/set
 
     def _setup_clients(self, train_data_local_num_dict, train_data_local_dict,
-                       test_data_local_dict, model_trainer):  # noqa: ANN001 (FedML's)
+                       test_data_local_dict, model_trainer):
         super()._setup_clients(train_data_local_num_dict, train_data_local_dict,
                                test_data_local_dict, self.client_trainer)
 
-    def _client_sampling(self, round_idx, client_num_in_total, client_num_per_round):  # noqa: ANN001
+    def _client_sampling(self, round_idx, client_num_in_total, client_num_per_round):
         self.args.round_idx = round_idx  # the loop's first call of each round
         return super()._client_sampling(round_idx, client_num_in_total, client_num_per_round)
 
-    def _aggregate(self, w_locals):  # noqa: ANN001 (FedML's)
+    def _aggregate(self, w_locals):
         aggregator = self.server_aggregator
         w_locals, _ = aggregator.on_before_aggregation(w_locals)
         return aggregator.on_after_aggregation(aggregator.aggregate(w_locals))
