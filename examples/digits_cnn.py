@@ -118,15 +118,22 @@ def plot(results: dict, path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=40)
+def run_options(rounds: int) -> argparse.ArgumentParser:
+    """The digits run's options (also used by fedml_sp.py), as a parent parser."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--rounds", type=int, default=rounds)
     parser.add_argument("--clients", type=int, default=20)
     parser.add_argument("--alpha", type=float, default=0.1)
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     parents=[run_options(rounds=40)])
     parser.add_argument("--out", default="digits_lips.png", help="PNG of the two curves")
     args = parser.parse_args()
     torch.set_num_threads(1)  # tiny model: one thread is fastest and leaves a core free

@@ -5,4 +5,6 @@
   personalized evaluation); numpy and torch only.
 - ``flower``: client-side ``lips_train`` and server-side ``LIPSStrategy`` for Flower's
   Message API (extra ``flower``).
+- ``fedml``: ``ClientTrainer`` / ``ServerAggregator`` mixins, FedML's single-process
+  FedAvg running them, offline FedML arguments (extra ``fedml``, FedML 0.9.6).
 """
