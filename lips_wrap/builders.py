@@ -90,7 +90,14 @@ def _small_config(transformers: Any, model_type: str, options: Dict[str, Any]) -
         ) from error
     known = set(default.to_dict()) | set(getattr(default, "attribute_map", {}))
     sizes = {key: value for key, value in HF_SMALL_SIZES.items() if key in known}
-    return transformers.AutoConfig.for_model(model_type, **{**sizes, **options})
+    config = transformers.AutoConfig.for_model(model_type, **{**sizes, **options})
+    for key, value in vars(config).items():  # composite models: shrink each sub-model
+        sub_type = getattr(value, "model_type", None)
+        if key not in options and isinstance(value, transformers.PretrainedConfig) and (
+            sub_type in transformers.CONFIG_MAPPING
+        ):
+            setattr(config, key, _small_config(transformers, sub_type, {}))
+    return config
 
 
 def _auto_class(transformers: Any, config: Any, task: str) -> Any:
@@ -101,7 +108,10 @@ def _auto_class(transformers: Any, config: Any, task: str) -> Any:
         auto = getattr(transformers, class_name)
         if type(config) in auto._model_mapping:
             return auto
-    raise ValueError(f"{names[0]} has no model for {type(config).__name__}; try task=base")
+    raise ValueError(
+        f"no transformers auto class among {', '.join(names)} builds a model from "
+        f"{type(config).__name__}; name another task= or a model type that has a model"
+    )
 
 
 def build_hf(spec: str) -> nn.Module:

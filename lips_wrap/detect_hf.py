@@ -73,7 +73,7 @@ def _blocks_from_table(model: nn.Module) -> Blocks:
     ]
     modules = dict(model.named_modules(remove_duplicate=False))
     return {
-        name: f"family table row {model_type!r} ({type(modules[name]).__name__})"
+        name: f"{type(modules[name]).__name__}, family table row {model_type!r}"
         for name in _outermost(found)
     }
 
