@@ -88,8 +88,13 @@ def _small_config(transformers: Any, model_type: str, options: Dict[str, Any]) -
             f"transformers knows no model type {model_type!r}: pass one of "
             "transformers.CONFIG_MAPPING (gpt2, bert, llama, t5, vit, ...) or a local folder"
         ) from error
-    known = set(default.to_dict()) | set(getattr(default, "attribute_map", {}))
-    sizes = {key: value for key, value in HF_SMALL_SIZES.items() if key in known}
+    aliases = getattr(default, "attribute_map", {})
+    known = set(default.to_dict()) | set(aliases)
+    chosen = {aliases.get(key, key) for key in options}
+    sizes = {
+        key: value for key, value in HF_SMALL_SIZES.items()
+        if key in known and aliases.get(key, key) not in chosen
+    }
     config = transformers.AutoConfig.for_model(model_type, **{**sizes, **options})
     for key, value in vars(config).items():  # composite models: shrink each sub-model
         sub_type = getattr(value, "model_type", None)
