@@ -39,15 +39,11 @@ def _outermost(names: Iterable[str]) -> List[str]:
     return kept
 
 
-def _children(module: nn.Module) -> List[nn.Module]:
-    return list(module.children())
-
-
 def _containers(model: nn.Module) -> List[Tuple[str, nn.Module]]:
     return [
         (name, module)
         for name, module in model.named_modules(remove_duplicate=False)
-        if isinstance(module, families.BLOCK_CONTAINER_TYPES) and _children(module)
+        if isinstance(module, families.BLOCK_CONTAINER_TYPES) and len(module) > 0
     ]
 
 
