@@ -21,6 +21,7 @@ from torch import nn
 HF_SMALL_SIZES: Dict[str, Any] = {
     "hidden_size": 64,
     "num_hidden_layers": 2,
+    "num_decoder_layers": 2,
     "num_attention_heads": 4,
     "num_key_value_heads": 2,
     "intermediate_size": 128,
