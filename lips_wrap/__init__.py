@@ -1,11 +1,23 @@
 """lips-wrap: LIPS (Layer-wise Inertia Phenomenon with Sparsity) for any FL loop."""
 
 from .config import SCORES, LIPSConfig
-from .layers import LayerPlan, TensorDecision, find_layers
+from .detect_hf import detect_hf
+from .detect_peft import detect_peft
+from .detect_timm import detect_timm
+from .layers import DETECTORS, LayerPlan, TensorDecision, find_layers
 from .lips import LIPS, MaskReport
 from .optimizer import LIPSOptimizer
 from .schedule import density_at, is_mask_round
 from .server import mask_global_state
+
+# PEFT first: a PeftModel forwards attribute look-ups to the model it wraps.
+DETECTORS.extend(
+    [
+        ("PEFT adapters (trainable only)", detect_peft),
+        ("timm metadata", detect_timm),
+        ("Hugging Face metadata", detect_hf),
+    ]
+)
 
 __all__ = [
     "LIPS",

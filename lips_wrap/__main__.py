@@ -1,7 +1,10 @@
 """Command line: ``python -m lips_wrap inspect SPEC`` prints the plan LIPS would use.
 
-SPEC names a model: ``module.path:factory`` (a callable returning an ``nn.Module``,
-called without arguments).
+SPEC names a model: ``timm:NAME`` (``timm.create_model(NAME, pretrained=False)``),
+``hf:MODEL_TYPE`` (a small Hugging Face model built from its config, or ``hf:FOLDER``
+for a local checkpoint), or ``module.path:factory`` (a callable returning an
+``nn.Module``, called without arguments). ``timm:`` and ``hf:`` take comma-separated
+``key=value`` options: ``timm:vit_tiny_patch16_224,img_size=64``, ``hf:gpt2,n_layer=4``.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from typing import Callable, Dict, List, Optional
 
 from torch import nn
 
+from .builders import build_hf, build_timm
 from .layers import find_layers
 
 ModelBuilder = Callable[[str], nn.Module]
@@ -29,7 +33,7 @@ def _from_python(target: str) -> nn.Module:
     return model
 
 
-BUILDERS: Dict[str, ModelBuilder] = {}
+BUILDERS: Dict[str, ModelBuilder] = {"timm": build_timm, "hf": build_hf}
 """Spec prefixes (``prefix:name``) and the function that builds such a model."""
 
 
@@ -45,7 +49,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lips_wrap")
     commands = parser.add_subparsers(dest="command", required=True)
     inspect = commands.add_parser("inspect", help="show which tensors LIPS masks, and why")
-    inspect.add_argument("model", help="module.path:factory")
+    inspect.add_argument(
+        "model", help="timm:NAME[,key=value...], hf:MODEL_TYPE[,key=value...] or module:factory"
+    )
     inspect.add_argument("--include", action="append", default=[], help="glob to include")
     inspect.add_argument("--exclude", action="append", default=[], help="glob to exclude")
     args = parser.parse_args(argv)

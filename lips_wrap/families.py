@@ -5,7 +5,7 @@ model names of its own; teaching LIPS a new layer type is adding a row here.
 
 from __future__ import annotations
 
-from typing import Tuple, Type
+from typing import Dict, Tuple, Type
 
 from torch import nn
 
@@ -25,9 +25,23 @@ LAYER_WEIGHTS: Tuple[Tuple[Type[nn.Module], str], ...] = (
     (nn.RNNBase, "weight_*"),
 )
 
-# Layer types known only by class name, so the core needs no import of their library.
-# transformers' Conv1D (GPT-2) is a linear layer whose weight is stored (in, out).
-LAYER_WEIGHTS_BY_CLASS_NAME: Tuple[Tuple[str, str], ...] = (("Conv1D", "weight"),)
+# Layer types known only by class name (a glob), so the core needs no import of their
+# library. transformers' Conv1D (GPT-2) is a linear layer whose weight is stored
+# (in, out); timm's CondConv2d keeps one flattened kernel per expert; transformers'
+# mixture-of-experts blocks (MixtralExperts, Qwen2MoeExperts, ...) hold every expert's
+# projections as one 3-d parameter; I-BERT's QuantLinear and Moshi's per-codebook
+# linear keep their own weight.
+LAYER_WEIGHTS_BY_CLASS_NAME: Tuple[Tuple[str, str], ...] = (
+    ("Conv1D", "weight"),
+    ("CondConv2d", "weight"),
+    ("*Experts", "gate_up_proj"),
+    ("*Experts", "gate_proj"),
+    ("*Experts", "up_proj"),
+    ("*Experts", "down_proj"),
+    ("*ParallelExperts", "weight"),
+    ("QuantLinear", "weight"),
+    ("MoshiFlexibleLinear", "weight"),
+)
 
 NORM_TYPES: Tuple[Type[nn.Module], ...] = (
     nn.modules.batchnorm._NormBase,
@@ -42,3 +56,50 @@ NORM_CLASS_NAME_FRAGMENTS: Tuple[str, ...] = ("Norm",)
 
 EMBEDDING_TYPES: Tuple[Type[nn.Module], ...] = (nn.Embedding, nn.EmbeddingBag)
 EMBEDDING_CLASS_NAME_FRAGMENTS: Tuple[str, ...] = ("Embedding",)
+
+# --- timm ---------------------------------------------------------------------------
+# ``model.group_matcher()`` names its groups (``stem``, ``blocks``, ``stem1``,
+# ``serial_blocks2``, ``block_types``, ``blocks_head``, ...). First matching glob on the
+# group's key gives its role: a stem or head group is exempt, a block group's layer
+# weights are eligible.
+TIMM_GROUP_ROLES: Tuple[Tuple[str, str], ...] = (
+    ("stem*", "stem"),
+    ("*head*", "head"),
+    ("*", "blocks"),
+)
+
+# The ordinal timm gives to a matcher entry that joins the previous group
+# (``timm.models._manipulate.MATCH_PREV_GROUP``): a final norm or head conv
+# (``norm``, ``conv_head``) after the blocks, or a transition between stages.
+TIMM_MERGE_ORDINAL = 99999
+
+# ``pretrained_cfg`` keys that name the input stem and the classifier: always exempt.
+TIMM_CFG_EXEMPT: Tuple[Tuple[str, str], ...] = (
+    ("first_conv", "input stem"),
+    ("classifier", "classifier"),
+)
+
+# Group matchers for timm classes that have no ``group_matcher()`` of their own, keyed by
+# class name, in timm's own format. A row here is used instead of the model's method.
+TIMM_GROUP_MATCHERS: Dict[str, Dict[str, str]] = {
+    "CSATv2": {"stem": r"^stem_dct", "blocks": r"^stages\.(\d+)"},
+    "MetaFormer": {"stem": r"^stem", "blocks": r"^stages\.(\d+)"},
+    "MobileNetV5Encoder": {"stem": r"^conv_stem", "blocks": r"^blocks\.(\d+)"},
+    "PoolingVisionTransformer": {
+        "stem": r"^cls_token|pos_embed|patch_embed",
+        "blocks": r"^transformers\.(\d+)",
+    },
+}
+
+# --- Hugging Face transformers -------------------------------------------------------
+# Containers whose elements are the repeated blocks (``encoder.layer``, ``model.layers``).
+BLOCK_CONTAINER_TYPES: Tuple[Type[nn.Module], ...] = (nn.ModuleList, nn.Sequential)
+
+# Per ``config.model_type``: globs on module names that are the blocks, for models whose
+# ``_no_split_modules`` is empty or names the wrong modules. Models not listed use
+# ``_no_split_modules``, then the generic fallback (the outermost container of two or
+# more blocks of one class that hold layer weights).
+HF_BLOCK_MODULES: Dict[str, Tuple[str, ...]] = {
+    "albert": ("*albert_layer_groups.*",),
+    "distilbert": ("*transformer.layer.*",),
+}

@@ -114,7 +114,7 @@ def is_layer_weight(module: nn.Module, local_name: str) -> bool:
             return True
     class_name = _module_class_name(module)
     return any(
-        class_name == known and fnmatch.fnmatchcase(local_name, glob)
+        fnmatch.fnmatchcase(class_name, known) and fnmatch.fnmatchcase(local_name, glob)
         for known, glob in families.LAYER_WEIGHTS_BY_CLASS_NAME
     )
 
@@ -164,7 +164,8 @@ DETECTORS: List[Tuple[str, Detector]] = []
 """Model-family detectors tried before the generic rule, in order: (label, detector)."""
 
 
-def _slots(model: nn.Module) -> List[NamedSlot]:
+def named_slots(model: nn.Module) -> List[NamedSlot]:
+    """Every (name, owning module, local name) of ``model``'s parameters, tied names too."""
     slots = []
     for prefix, module in model.named_modules(remove_duplicate=False):
         for local, _ in module.named_parameters(recurse=False):
@@ -172,8 +173,14 @@ def _slots(model: nn.Module) -> List[NamedSlot]:
     return slots
 
 
-def _detect(model: nn.Module, slots: Sequence[NamedSlot]) -> Tuple[str, Dict[str, Verdict]]:
-    for label, detector in DETECTORS:
+def detect(
+    model: nn.Module,
+    slots: Sequence[NamedSlot],
+    detectors: Optional[Sequence[Tuple[str, Detector]]] = None,
+) -> Tuple[str, Dict[str, Verdict]]:
+    """(label, verdicts) from the first detector that recognises ``model``, else the
+    generic rule. ``detectors`` defaults to :data:`DETECTORS`."""
+    for label, detector in DETECTORS if detectors is None else detectors:
         verdicts = detector(model, slots)
         if verdicts is not None:
             return label, verdicts
@@ -201,8 +208,8 @@ def find_layers(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     include, exclude = tuple(include), tuple(exclude)
-    slots = _slots(model)
-    label, verdicts = _detect(model, slots)
+    slots = named_slots(model)
+    label, verdicts = detect(model, slots)
 
     names_of: Dict[int, List[str]] = {}
     params: Dict[int, nn.Parameter] = {}
