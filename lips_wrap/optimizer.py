@@ -14,8 +14,6 @@ from typing import Any, Callable, Dict, Iterable, List, Optional
 
 import torch
 
-from .masking import apply_mask_
-
 _WRAPPED: "weakref.WeakSet[torch.optim.Optimizer]" = weakref.WeakSet()
 
 
@@ -171,11 +169,3 @@ class LIPSOptimizer(torch.optim.Optimizer):
             value for value in self.original_optimizer.state.get(param, {}).values()
             if isinstance(value, torch.Tensor) and value.shape == param.shape
         ]
-
-    def mask_state_(self, param: torch.nn.Parameter, mask: torch.Tensor) -> int:
-        """Zero, where ``mask`` is False, every state tensor of ``param``'s shape
-        (momentum, Adam moments, ...). Returns how many state tensors were masked."""
-        values = self.state_tensors(param)
-        for value in values:
-            apply_mask_(value, mask.to(value.device))
-        return len(values)
