@@ -3,8 +3,8 @@
 It delegates everything to the wrapped optimizer (``param_groups``, ``state``,
 ``defaults``, ``step``, ``zero_grad``, ``state_dict``, hooks, ...). Around ``step`` it
 copies each tracked parameter's gradient into a buffer of ``grad_dtype`` (the ``g`` of
-the sensitivity score: the gradient of the last optimizer step), and it can zero the
-optimizer state of a parameter where a mask is False.
+the sensitivity score: the gradient of the last optimizer step), and it lists each
+parameter's state tensors (momentum, Adam moments, ...) so LIPS can mask them too.
 """
 
 from __future__ import annotations
