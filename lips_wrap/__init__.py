@@ -1,6 +1,7 @@
 """lips-wrap: LIPS (Layer-wise Inertia Phenomenon with Sparsity) for any FL loop."""
 
 from .config import SCORES, LIPSConfig
+from .diagnostics import InertiaTracker
 from .layers import LayerPlan, TensorDecision, find_layers
 from .lips import LIPS, MaskReport
 from .optimizer import LIPSOptimizer
@@ -10,6 +11,7 @@ from .server import mask_global_state
 __all__ = [
     "LIPS",
     "LIPSConfig",
+    "InertiaTracker",
     "LIPSOptimizer",
     "LayerPlan",
     "MaskReport",
