@@ -31,9 +31,9 @@ def plot_inertia(
     layers: Sequence[str], updates: np.ndarray, path: Union[str, Path], title: str = ""
 ) -> None:
     """Heatmap (layers x rounds, log colour) and first/middle/last group means."""
+    plt = _pyplot()
     from matplotlib.colors import LogNorm
 
-    plt = _pyplot()
     finite = updates[np.isfinite(updates) & (updates > 0)]
     low, high = (finite.min(), finite.max()) if finite.size else (1e-6, 1.0)
     shown = np.where(np.isfinite(updates) & (updates > 0), updates, low)
