@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, List, Sequence, Union
+from typing import Any, List, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -21,10 +21,13 @@ def _pyplot() -> Any:
     return plt
 
 
-def layer_groups(count: int) -> List[range]:
-    """Split ``count`` layers (in model order) into first, middle and last thirds."""
-    edges = np.linspace(0, count, 4).round().astype(int)
-    return [range(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
+def layer_groups(count: int) -> List[Tuple[str, range]]:
+    """Label and indices of the first layer, the middle layers and the last layer of
+    ``count`` layers in model order (fewer groups when there are fewer layers)."""
+    if count < 3:
+        return [(f"layer {i}", range(i, i + 1)) for i in range(count)]
+    return [("first layer", range(0, 1)), ("middle layers (mean)", range(1, count - 1)),
+            ("last layer", range(count - 1, count))]
 
 
 def plot_inertia(
@@ -49,12 +52,11 @@ def plot_inertia(
     heat.set_title("relative update ||W_t - W_t-1|| / ||W_t-1||", fontsize=10)
     fig.colorbar(image, ax=heat, fraction=0.04)
     rounds = np.arange(updates.shape[1])
-    for label, group in zip(("first", "middle", "last"), layer_groups(len(layers))):
-        if len(group):
-            lines.plot(rounds, np.nanmean(shown[list(group)], axis=0), label=f"{label} layers")
+    for label, group in layer_groups(len(layers)):
+        lines.plot(rounds, np.nanmean(shown[list(group)], axis=0), label=label)
     lines.set_yscale("log")
     lines.set_xlabel("round")
-    lines.set_title("mean relative update per layer group", fontsize=10)
+    lines.set_title("relative update: first, middle, last", fontsize=10)
     lines.legend(fontsize=8)
     lines.grid(alpha=0.3)
     if title:

@@ -219,8 +219,8 @@ class InertiaTracker:
 
     def plot(self, path: Union[str, Path], title: str = "") -> None:
         """Write a PNG: layer x round heatmap of the relative update (log colour
-        scale) beside a line plot of the mean update of the first, middle and last
-        third of the layers. Needs matplotlib: ``pip install 'lips-wrap[plot]'``."""
+        scale) beside a line plot of the update of the first layer, the mean of the
+        middle layers, and the last layer. Needs matplotlib: ``pip install 'lips-wrap[plot]'``."""
         from ._plotting import plot_inertia
 
         plot_inertia(self.layers, self.relative_update, path, title)

@@ -143,3 +143,12 @@ def test_plot_without_matplotlib_names_the_extra(tmp_path, monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_matplotlib)
     with pytest.raises(ImportError, match=r"lips-wrap\[plot\]"):
         recorded().plot(tmp_path / "x.png")
+
+
+def test_layer_groups_split_first_middle_last():
+    from lips_wrap._plotting import layer_groups
+
+    groups = dict(layer_groups(5))
+    assert groups == {"first layer": range(0, 1), "middle layers (mean)": range(1, 4),
+                      "last layer": range(4, 5)}
+    assert [label for label, _ in layer_groups(2)] == ["layer 0", "layer 1"]
