@@ -256,10 +256,74 @@ def run_all(setups: Dict[str, dict], out: Path) -> None:
             results[name]["runs"].setdefault(arm, []).append(run)
             results[name]["summary"] = summarise(results[name]["runs"])
             (out / f"{name}.json").write_text(json.dumps(results[name], indent=1))
-    for name, result in results.items():
-        plot_curves(name, result["runs"], out / f"{name}_accuracy.png")
-        print(table(name, result["summary"]))
+    replot(out)
     print(f"\nresults in {out}")
+
+
+def inertia_summary(out: Path, name: str, last: int = 10) -> Dict[str, Dict[str, float]]:
+    """Mean relative update over the last ``last`` rounds of the first layer, the
+    middle layers and the last layer of the global model, per tracked arm."""
+    summary = {}
+    for arm in MAIN_ARMS:
+        path = out / f"{name}_{arm}_inertia.json"
+        if path.exists():
+            updates = InertiaTracker.from_json(path).relative_update[:, -last:]
+            summary[arm] = {"first": float(updates[0].mean()),
+                            "middle": float(updates[1:-1].mean()),
+                            "last": float(updates[-1].mean())}
+    return summary
+
+
+def plot_inertia_comparison(out: Path, name: str) -> None:
+    """One panel: mean relative update of the middle layers, FedAvg vs LIPS, with the
+    first and last layers dotted."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    for arm in MAIN_ARMS:
+        path = out / f"{name}_{arm}_inertia.json"
+        if not path.exists():
+            continue
+        updates = InertiaTracker.from_json(path).relative_update
+        rounds = np.arange(updates.shape[1])
+        line, = ax.plot(rounds, updates[1:-1].mean(axis=0), label=f"{arm}: middle layers")
+        ax.plot(rounds, updates[0], ":", color=line.get_color(), alpha=0.7,
+                label=f"{arm}: first layer")
+        ax.plot(rounds, updates[-1], "--", color=line.get_color(), alpha=0.7,
+                label=f"{arm}: last layer")
+    ax.set_yscale("log")
+    ax.set_xlabel("round")
+    ax.set_ylabel("||W_t - W_t-1|| / ||W_t-1||")
+    ax.set_title(f"{name}: global model, seed 0", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / f"{name}_inertia_compare.png", dpi=110)
+    plt.close(fig)
+
+
+def replot(out: Path) -> None:
+    """Redraw every figure and reprint every table from the JSON files in ``out``."""
+    for path in sorted(out.glob("*.json")):
+        if path.stem.endswith("_inertia"):
+            continue
+        result = json.loads(path.read_text())
+        name = result["config"]["name"]
+        plot_curves(name, result["runs"], out / f"{name}_accuracy.png")
+        for arm in MAIN_ARMS:
+            inertia = out / f"{name}_{arm}_inertia.json"
+            if inertia.exists():
+                InertiaTracker.from_json(inertia).plot(
+                    inertia.with_suffix(".png"),
+                    title=f"{name}: {arm} (seed 0), global model")
+        plot_inertia_comparison(out, name)
+        print(table(name, summarise(result["runs"])))
+        for arm, groups in inertia_summary(out, name).items():
+            print(f"  inertia, {arm:<7} mean relative update over the last 10 rounds: "
+                  + ", ".join(f"{k} {v:.4f}" for k, v in groups.items()))
 
 
 def verify(path: Path, arm: str, seed: int) -> int:
@@ -288,11 +352,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--verify", type=Path, help="a results JSON to rerun one run of")
     parser.add_argument("--arm", default="LIPS", choices=list(ARMS))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--replot", action="store_true",
+                        help="only redraw figures and tables from the JSON files in --out")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: exact reruns)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.verify:
         return verify(args.verify, args.arm, args.seed)
+    if args.replot:
+        replot(args.out or RESULTS)
+        return 0
     chosen = QUICK if args.quick else FULL
     names = args.setup or list(chosen)
     setups = {name: {"name": name, **COMMON, **chosen[name]} for name in names}
