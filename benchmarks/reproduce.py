@@ -59,7 +59,7 @@ FULL = {
     "digits-vgg": {"task": "digits", "model": "vgg", "clients": 10, "rounds": 30,
                    "seeds": 5, "ablation_seeds": 0, "test_per_client": 100},
     "shapes-resnet8": {"task": "shapes", "model": "resnet8", "clients": 5, "rounds": 25,
-                       "seeds": 5, "ablation_seeds": 2, "test_per_client": 100},
+                       "seeds": 10, "ablation_seeds": 5, "test_per_client": 100},
 }
 QUICK = {
     "digits-vgg": {"task": "digits", "model": "vgg", "clients": 6, "rounds": 10,
@@ -242,10 +242,34 @@ def plan_runs(setups: Dict[str, dict]) -> List[tuple]:
     return runs
 
 
-def run_all(setups: Dict[str, dict], out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
+SEED_COUNTS = ("seeds", "ablation_seeds")
+
+
+def load_finished(setups: Dict[str, dict], out: Path) -> Dict[str, dict]:
+    """Results already in ``out`` whose setup matches (all but the seed counts): a
+    resumed run keeps them, since a run is determined by its setup and seed."""
     results = {name: {"config": setup, "runs": {}} for name, setup in setups.items()}
-    plan = plan_runs(setups)
+    for name, setup in setups.items():
+        path = out / f"{name}.json"
+        if not path.exists():
+            continue
+        stored = json.loads(path.read_text())
+        same = {k: v for k, v in stored["config"].items() if k not in SEED_COUNTS} == \
+            {k: v for k, v in setup.items() if k not in SEED_COUNTS}
+        if not same:
+            raise SystemExit(f"{path} was made with another setup; move it away or "
+                             "run without --resume")
+        results[name]["runs"] = stored["runs"]
+    return results
+
+
+def run_all(setups: Dict[str, dict], out: Path, resume: bool = False) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    results = (load_finished(setups, out) if resume
+               else {name: {"config": setup, "runs": {}} for name, setup in setups.items()})
+    done = {(name, arm, run["seed"]) for name, result in results.items()
+            for arm, runs in result["runs"].items() for run in runs}
+    plan = [job for job in plan_runs(setups) if job not in done]
     total_rounds = sum(setups[name]["rounds"] for name, _, _ in plan)
     with tqdm(total=total_rounds, desc="rounds", unit="round") as progress:
         for name, arm, seed in plan:
@@ -254,6 +278,7 @@ def run_all(setups: Dict[str, dict], out: Path) -> None:
                        else None)
             run = run_one(setup, arm, seed, progress, tracker)
             results[name]["runs"].setdefault(arm, []).append(run)
+            results[name]["config"] = setup
             results[name]["summary"] = summarise(results[name]["runs"])
             (out / f"{name}.json").write_text(json.dumps(results[name], indent=1))
     replot(out)
@@ -352,6 +377,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--verify", type=Path, help="a results JSON to rerun one run of")
     parser.add_argument("--arm", default="LIPS", choices=list(ARMS))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the finished runs found in --out, run only the missing")
     parser.add_argument("--replot", action="store_true",
                         help="only redraw figures and tables from the JSON files in --out")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: exact reruns)")
@@ -368,7 +395,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     out = args.out or (RESULTS / "quick" if args.quick else RESULTS)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}")
-    run_all(setups, out)
+    run_all(setups, out, resume=args.resume)
     return 0
 
 
