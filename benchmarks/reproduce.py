@@ -1,7 +1,7 @@
 """FedAvg vs FedAvg+LIPS in the paper's low-data regime, scaled to a small CPU machine.
 
     python benchmarks/reproduce.py --quick     # a few minutes: both arms, 2 seeds, small
-    python benchmarks/reproduce.py             # the full run (about an hour, 1 thread)
+    python benchmarks/reproduce.py             # the full run (~50 min, 1 thread)
     python benchmarks/reproduce.py --verify benchmarks/results/shapes-resnet8.json \
         --arm LIPS --seed 0                    # rerun one committed run, compare exactly
 
