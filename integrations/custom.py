@@ -1,15 +1,20 @@
-"""Helpers for hand-written FedAvg loops: non-IID splits, FedAvg, personalized accuracy.
+"""Helpers for hand-written FedAvg loops: non-IID splits, FedAvg, personalized accuracy,
+and :func:`simulate`, a whole FedAvg(+LIPS) simulation in one call.
 
 Needs numpy and torch only.
 """
 
 from __future__ import annotations
 
-from typing import Dict, List, Mapping, Sequence, Tuple
+import copy
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch import nn
+
+from lips_wrap import LIPS, LIPSConfig
 
 
 def _as_labels(labels: Sequence[int] | np.ndarray | torch.Tensor) -> np.ndarray:
@@ -197,3 +202,102 @@ def local_train(
             losses.append(loss.item())
         last = float(np.mean(losses)) if losses else 0.0
     return last
+
+
+@dataclass
+class RoundRecord:
+    """Personalized accuracy of one simulated round.
+
+    ``before``: each client's model after its local training, on its own test set.
+    ``after``: each client's copy of the aggregated model as it starts the next round
+    (masked on LIPS mask rounds, as the reference measures it); for the last round,
+    the aggregated model itself. None until measured.
+    """
+
+    round: int
+    before: float
+    before_per_client: List[float]
+    train_loss: float
+    masked: bool = False
+    after: Optional[float] = None
+    after_per_client: Optional[List[float]] = None
+
+
+RoundCallback = Callable[[int, nn.Module, List[RoundRecord]], None]
+"""Called after each aggregation with (round, model holding the global weights, history so far)."""
+
+
+def simulate(
+    model_factory: Callable[[], nn.Module],
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    train_indices: Sequence[np.ndarray],
+    test_indices: Sequence[np.ndarray],
+    rounds: int,
+    epochs: int,
+    batch_size: int,
+    optimizer_factory: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer],
+    lips_config: Optional[LIPSConfig] = None,
+    seed: int = 0,
+    callbacks: Sequence[RoundCallback] = (),
+) -> List[RoundRecord]:
+    """FedAvg (or FedAvg+LIPS with ``lips_config``) over all clients every round.
+
+    One model instance serves every client in turn: it loads the global weights, (with
+    LIPS) restores the client's LIPS state and calls ``on_global_model(round)``, trains
+    ``epochs`` local epochs with an optimizer whose state is fresh each round (as the
+    reference), and uploads. The server averages the uploads weighted by client size.
+    Deterministic given ``seed`` (model initialisation and batch order) and one torch
+    thread.
+    """
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    if len(train_indices) != len(test_indices) or not train_indices:
+        raise ValueError(
+            f"need one test index set per client: {len(train_indices)} training sets, "
+            f"{len(test_indices)} test sets"
+        )
+    if lips_config is not None and lips_config.total_rounds != rounds:
+        raise ValueError(
+            f"lips_config.total_rounds is {lips_config.total_rounds} but the run has "
+            f"{rounds} rounds"
+        )
+    torch.manual_seed(seed)
+    model = model_factory()
+    optimizer = optimizer_factory(model.parameters())
+    lips = None
+    if lips_config is not None:
+        lips = LIPS(model, optimizer, lips_config)
+        optimizer = lips.optimizer
+        client_lips = [lips.state_dict() for _ in train_indices]
+    generator = torch.Generator().manual_seed(seed)
+    global_state = copy.deepcopy(model.state_dict())
+    sizes = [len(indices) for indices in train_indices]
+    history: List[RoundRecord] = []
+    for rnd in range(rounds):
+        uploads, before, after, losses, masked = [], [], [], [], False
+        for cid, indices in enumerate(train_indices):
+            model.load_state_dict(global_state)
+            optimizer.state.clear()
+            if lips is not None:
+                lips.load_state_dict(client_lips[cid])
+                masked = lips.on_global_model(rnd).masked
+            if rnd > 0:
+                after.append(personalized_accuracy(model, inputs, targets, [test_indices[cid]])[0])
+            losses.append(local_train(model, optimizer, inputs[indices], targets[indices],
+                                      epochs, batch_size, generator))
+            if lips is not None:
+                client_lips[cid] = lips.state_dict()
+            before.append(personalized_accuracy(model, inputs, targets, [test_indices[cid]])[0])
+            uploads.append(copy.deepcopy(model.state_dict()))
+        if rnd > 0:
+            history[-1].after, history[-1].after_per_client = float(np.mean(after)), after
+        history.append(RoundRecord(rnd, float(np.mean(before)), before,
+                                   float(np.mean(losses)), masked))
+        global_state = fedavg(uploads, sizes)
+        model.load_state_dict(global_state)
+        for callback in callbacks:
+            callback(rnd, model, history)
+    final, per_client = personalized_accuracy(model, inputs, targets, test_indices)
+    history[-1].after, history[-1].after_per_client = final, per_client
+    return history

@@ -4,6 +4,7 @@ from .config import SCORES, LIPSConfig
 from .detect_hf import detect_hf
 from .detect_peft import detect_peft
 from .detect_timm import detect_timm
+from .diagnostics import InertiaTracker
 from .layers import DETECTORS, LayerPlan, TensorDecision, find_layers
 from .lips import LIPS, MaskReport
 from .optimizer import LIPSOptimizer
@@ -22,6 +23,7 @@ DETECTORS.extend(
 __all__ = [
     "LIPS",
     "LIPSConfig",
+    "InertiaTracker",
     "LIPSOptimizer",
     "LayerPlan",
     "MaskReport",

@@ -1,0 +1,154 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from lips_wrap import InertiaTracker
+from lips_wrap.diagnostics import cosine_similarity, relative_update
+
+
+def three_layers() -> nn.Module:
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2), nn.Linear(2, 2))
+    with torch.no_grad():
+        for layer in model:
+            layer.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+    return model
+
+
+def weights(middle, first=((1.0, 0.0), (0.0, 1.0)), last=((1.0, 0.0), (0.0, 1.0))):
+    return {"0.weight": torch.tensor(first), "1.weight": torch.tensor(middle),
+            "2.weight": torch.tensor(last)}
+
+
+SEQUENCE = [
+    ((2.0, 0.0), (0.0, 2.0)),  # round 0: doubled, ||dW|| / ||W|| = sqrt(2) / sqrt(2) = 1
+    ((2.0, 0.0), (0.0, 2.0)),  # round 1: unchanged
+    ((0.0, 3.0), (4.0, 0.0)),  # round 2 (anchor): ||dW|| = sqrt(4+9+16+4), ||W_1|| = sqrt(8)
+    ((0.0, 6.0), (8.0, 0.0)),  # round 3: doubled: update 1, cosine to anchor 1
+    ((3.0, 0.0), (0.0, 4.0)),  # round 4: orthogonal to the anchor: cosine 0
+]
+
+
+def recorded(all_layers=False, anchor_round=2):
+    tracker = InertiaTracker(three_layers(), all_layers=all_layers, anchor_round=anchor_round)
+    for middle in SEQUENCE:
+        tracker.update(weights(middle))
+    return tracker
+
+
+def test_tracks_the_eligible_layers_by_default_and_every_weight_on_request():
+    assert recorded().layers == ["1.weight"]
+    assert recorded(all_layers=True).layers == ["0.weight", "1.weight", "2.weight"]
+
+
+def test_relative_update_exact_values():
+    updates = recorded().relative_update
+    assert updates.shape == (1, 5)
+    expected = [1.0, 0.0, math.sqrt(33) / math.sqrt(8), 1.0, math.sqrt(9 + 36 + 16 + 64) / 10]
+    np.testing.assert_allclose(updates[0], expected, rtol=1e-12)
+
+
+def test_cosine_to_anchor_exact_values_nan_before_anchor():
+    cosines = recorded().cosine_to_anchor[0]
+    assert np.isnan(cosines[:2]).all()
+    np.testing.assert_allclose(cosines[2:], [1.0, 1.0, 0.0], atol=1e-12)
+
+
+def test_unchanged_layers_record_zero_update_and_cosine_one():
+    tracker = recorded(all_layers=True)
+    np.testing.assert_allclose(tracker.relative_update[[0, 2]], 0.0)
+    np.testing.assert_allclose(tracker.cosine_to_anchor[[0, 2], 2:], 1.0)
+
+
+def test_anchor_round_is_configurable():
+    cosines = recorded(anchor_round=0).cosine_to_anchor[0]
+    np.testing.assert_allclose(cosines, [1.0, 1.0, 0.0, 0.0, 14 / (5 * math.sqrt(8))], atol=1e-12)
+
+
+def test_accepts_a_module_and_copies_the_weights():
+    model = three_layers()
+    tracker = InertiaTracker(model)
+    with torch.no_grad():
+        model[1].weight.mul_(3.0)
+    tracker.update(model)
+    with torch.no_grad():
+        model[1].weight.mul_(100.0)  # must not change what was recorded
+    tracker.update(model)
+    np.testing.assert_allclose(tracker.relative_update[0], [2.0, 99.0])
+
+
+def test_pure_helpers_edge_cases():
+    zero = torch.zeros(3)
+    assert relative_update(zero, zero) == 0.0
+    assert relative_update(torch.ones(3), zero) == math.inf
+    assert math.isnan(cosine_similarity(zero, torch.ones(3)))
+    assert cosine_similarity(torch.tensor([1.0, 0.0]), torch.tensor([-2.0, 0.0])) == -1.0
+
+
+def test_bad_inputs_are_named():
+    with pytest.raises(ValueError, match="anchor_round"):
+        InertiaTracker(three_layers(), anchor_round=-1)
+    with pytest.raises(TypeError, match="nn.Module"):
+        InertiaTracker("model")
+    tracker = InertiaTracker(three_layers())
+    with pytest.raises(KeyError, match="1.weight"):
+        tracker.update({"0.weight": torch.zeros(2, 2)})
+    with pytest.raises(TypeError, match="mapping"):
+        tracker.update([1, 2])
+
+
+def test_json_round_trip(tmp_path):
+    tracker = recorded(all_layers=True)
+    tracker.to_json(tmp_path / "inertia.json")
+    loaded = InertiaTracker.from_json(tmp_path / "inertia.json")
+    assert loaded.layers == tracker.layers
+    assert loaded.anchor_round == 2
+    np.testing.assert_array_equal(loaded.relative_update, tracker.relative_update)
+    np.testing.assert_array_equal(loaded.cosine_to_anchor, tracker.cosine_to_anchor)
+    with pytest.raises(RuntimeError, match="loaded from a file"):
+        loaded.update(weights(SEQUENCE[0]))
+
+
+def test_csv_round_trip(tmp_path):
+    tracker = recorded(all_layers=True)
+    tracker.to_csv(tmp_path / "inertia.csv")
+    lines = (tmp_path / "inertia.csv").read_text().splitlines()
+    assert lines[0] == "layer,round,relative_update,cosine_to_anchor"
+    assert len(lines) == 1 + 3 * 5
+    loaded = InertiaTracker.from_csv(tmp_path / "inertia.csv", anchor_round=2)
+    assert loaded.layers == tracker.layers
+    np.testing.assert_array_equal(loaded.relative_update, tracker.relative_update)
+    np.testing.assert_array_equal(loaded.cosine_to_anchor, tracker.cosine_to_anchor)
+
+
+def test_plot_writes_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "inertia.png"
+    recorded(all_layers=True).plot(path, title="test")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_without_matplotlib_names_the_extra(tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError("no matplotlib")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    with pytest.raises(ImportError, match=r"lips-wrap\[plot\]"):
+        recorded().plot(tmp_path / "x.png")
+
+
+def test_layer_groups_split_first_middle_last():
+    from lips_wrap._plotting import layer_groups
+
+    groups = dict(layer_groups(5))
+    assert groups == {"first layer": range(0, 1), "middle layers (mean)": range(1, 4),
+                      "last layer": range(4, 5)}
+    assert [label for label, _ in layer_groups(2)] == ["layer 0", "layer 1"]
