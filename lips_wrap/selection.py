@@ -220,6 +220,7 @@ def _bracket_pass(
     numel = flat.numel()
     budget = max(int(numel * BUDGET), SMALL)
     work = torch.empty(min(step, numel), dtype=torch.float32, device=flat.device)
+    flags = torch.empty(work.shape, dtype=torch.bool, device=flat.device)
     above: List[Tensor] = []
     equal: List[Tensor] = []
     sums: List[Tensor] = []
@@ -235,7 +236,7 @@ def _bracket_pass(
         if lo == hi:
             equal.append(torch.eq(part, hi, out=buf).sum())
             continue
-        inside = near.superset(part, buf)
+        inside = near.superset(part, buf, flags[:part.numel()])
         held += inside.numel()
         if held > budget:
             return None
@@ -268,13 +269,15 @@ class _Nearness:
             slack = 4 * max(info.eps, torch.finfo(torch.float32).eps)
             self.reach = (hi - lo) / 2 * (1 + slack) + abs(self.mid) * slack + info.tiny
 
-    def superset(self, part: Tensor, buf: Tensor) -> Tensor:
+    def superset(self, part: Tensor, buf: Tensor, flags: Tensor) -> Tensor:
+        """The entries of ``part`` that may lie in ``[lo, hi]``; ``buf`` (float32) and
+        ``flags`` (bool) are work buffers of ``part``'s length."""
         if not self.finite:
             keep = torch.ge(part, self.lo).logical_and_(torch.le(part, self.hi))
             return part[keep]
         torch.sub(part, self.mid, out=buf).abs_()
-        torch.le(buf, self.reach, out=buf)
-        return part.index_select(0, torch.nonzero(buf).view(-1))
+        torch.le(buf, self.reach, out=flags)
+        return torch.masked_select(part, flags)
 
 
 def _fallback(flat: Tensor, k: int, step: int) -> Tuple[float, int, int]:
