@@ -67,6 +67,36 @@ def score_generator(
     return generator
 
 
+def mask_by_score_(
+    targets: List[torch.Tensor],
+    weight: torch.Tensor,
+    signal: Optional[torch.Tensor],
+    density: float,
+    config: LIPSConfig,
+    round_index: int,
+    name: str,
+) -> bool:
+    """Score ``weight`` by ``config.score``, keep its ``int(density * numel)`` best
+    entries and zero the others in every tensor of ``targets``, in place.
+
+    ``signal`` is the ``g`` of the sensitivity score (a client's last-step gradient, or
+    the server's global update); without one the score falls back to magnitude, and
+    True is returned. The caller has checked ``weight`` and ``signal`` for NaN/inf.
+    """
+    kind, generator = config.score, None
+    fell_back = kind == "sensitivity" and signal is None
+    if fell_back:
+        kind = "magnitude"
+    if kind == "random":
+        generator = score_generator(config.seed, round_index, name, weight.device)
+    score = compute_score(kind, weight, signal, generator)
+    kept = keep_count(weight.numel(), density)
+    # Inputs are finite, so the score holds no NaN (an overflow to +inf ranks first).
+    selection = select_top_k(score, kept, name, check=False)
+    apply_selection_(targets, score, selection)
+    return fell_back
+
+
 def _single_device(model: nn.Module) -> None:
     devices: Dict[torch.device, str] = {}
     for name, param in model.named_parameters():
@@ -167,19 +197,10 @@ class LIPS:
         fallback: List[str] = []
         zeroed = 0
         for name, param in self._params.items():
-            kind, grad, generator = cfg.score, grads[name], None
-            if kind == "sensitivity" and grad is None:
-                kind = "magnitude"
+            targets = [param, *self.optimizer.state_tensors(param)]
+            if mask_by_score_(targets, param, grads[name], density, cfg, round_index, name):
                 fallback.append(name)
-            if kind == "random":
-                generator = score_generator(cfg.seed, round_index, name, param.device)
-            score = compute_score(kind, param, grad, generator)
-            kept = keep_count(param.numel(), density)
-            # Weights and gradients were checked above, so the score holds no NaN.
-            selection = select_top_k(score, kept, name, check=False)
-            apply_selection_([param, *self.optimizer.state_tensors(param)], score, selection)
-            del score
-            zeroed += param.numel() - kept
+            zeroed += param.numel() - keep_count(param.numel(), density)
         if fallback:
             logger.info(
                 "round %d: no stored gradient for %d tensors (client has not trained "

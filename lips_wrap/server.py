@@ -15,8 +15,8 @@ import torch
 
 from .config import LIPSConfig
 from .layers import LayerPlan
-from .lips import MaskReport, score_generator
-from .masking import apply_mask_, check_finite, compute_score, keep_count, keep_mask
+from .lips import MaskReport, mask_by_score_
+from .masking import check_finite, keep_count
 from .schedule import density_at
 
 
@@ -50,25 +50,20 @@ def mask_global_state(
         for decision in plan.eligible:
             weight = state[decision.name]
             check_finite(weight, f"global weight {decision.name}")
-            kind, delta, generator = config.score, None, None
-            if kind == "sensitivity":
-                if previous is None or decision.name not in previous:
-                    kind = "magnitude"
-                    fallback.append(decision.name)
-                else:
-                    delta = weight.to(torch.float32) - previous[decision.name].to(
-                        device=weight.device, dtype=torch.float32)
-                    check_finite(delta, f"global update of {decision.name}")
-            if kind == "random":
-                generator = score_generator(config.seed, round_index, decision.name,
-                                            weight.device)
-            score = compute_score(kind, weight, delta, generator)
-            kept = keep_count(weight.numel(), density)
-            masked = apply_mask_(weight.clone(), keep_mask(score, kept, decision.name))
+            delta = None
+            known = previous is not None and decision.name in previous
+            if config.score == "sensitivity" and known:
+                delta = weight.to(torch.float32) - previous[decision.name].to(
+                    device=weight.device, dtype=torch.float32)
+                check_finite(delta, f"global update of {decision.name}")
+            masked = weight.clone()
+            if mask_by_score_([masked], weight, delta, density, config, round_index,
+                              decision.name):
+                fallback.append(decision.name)
             for name in (decision.name,) + decision.aliases:
                 if name in result:
                     result[name] = masked
-            zeroed += weight.numel() - kept
+            zeroed += weight.numel() - keep_count(weight.numel(), density)
     report = MaskReport(round_index, density, config.score, len(plan.eligible), zeroed,
                         plan.masked_numel, tuple(fallback))
     return result, report
