@@ -43,6 +43,17 @@ LAYER_WEIGHTS_BY_CLASS_NAME: Tuple[Tuple[str, str], ...] = (
     ("MoshiFlexibleLinear", "weight"),
 )
 
+# Wrappers that hold the user's model as one submodule and add a prefix to every
+# parameter name: (class name, attribute). Matched by class name (also of a base class)
+# so torch._dynamo is never imported. ``torch.compile`` returns an ``OptimizedModule``
+# (names ``_orig_mod.*``); ``DistributedDataParallel`` and ``DataParallel`` keep the
+# model at ``.module`` (names ``module.*``).
+MODEL_WRAPPERS: Tuple[Tuple[str, str], ...] = (
+    ("OptimizedModule", "_orig_mod"),
+    ("DistributedDataParallel", "module"),
+    ("DataParallel", "module"),
+)
+
 NORM_TYPES: Tuple[Type[nn.Module], ...] = (
     nn.modules.batchnorm._NormBase,
     nn.LayerNorm,

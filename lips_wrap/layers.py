@@ -7,6 +7,12 @@ stem) and the last (the head), in registration order, are eligible; stems, heads
 biases, norms, embeddings and every other parameter are exempt. A parameter shared by
 several modules (tied weights) is decided once, under its first name, and is eligible
 only if every name it has is.
+
+Wrapped models (``torch.compile``, ``DistributedDataParallel``, ``DataParallel``; see
+``families.MODEL_WRAPPERS``) are unwrapped first: detection runs on the innermost model
+and the plan names each tensor as the wrapped model does (``module._orig_mod.fc.weight``),
+so ``model.get_parameter(name)`` and ``model.state_dict()`` keys match. Patterns match a
+name with or without the wrappers' prefix.
 """
 
 from __future__ import annotations
@@ -50,10 +56,17 @@ class TensorDecision:
 
 @dataclass(frozen=True)
 class LayerPlan:
-    """Every parameter of a model with the decision LIPS takes on it."""
+    """Every parameter of a model with the decision LIPS takes on it.
+
+    ``prefix`` is what wrappers (``wrappers``, outermost first) add in front of every
+    name, e.g. ``"module._orig_mod."`` for ``DistributedDataParallel(torch.compile(m))``;
+    empty for a model used as it is.
+    """
 
     decisions: Tuple[TensorDecision, ...]
     detector: str
+    prefix: str = ""
+    wrappers: Tuple[str, ...] = ()
 
     @property
     def eligible(self) -> Tuple[TensorDecision, ...]:
@@ -71,12 +84,20 @@ class LayerPlan:
     def total_numel(self) -> int:
         return sum(d.numel for d in self.decisions)
 
+    def unwrapped_name(self, name: str) -> str:
+        """``name`` without the wrappers' prefix: the name in the unwrapped model."""
+        return name[len(self.prefix):] if self.prefix and name.startswith(self.prefix) else name
+
     def summary(self) -> str:
         share = self.masked_numel / self.total_numel if self.total_numel else 0.0
+        through = (
+            f" (inside {' > '.join(self.wrappers)}: names start with {self.prefix!r})"
+            if self.wrappers else ""
+        )
         return (
             f"{len(self.eligible)} of {len(self.decisions)} tensors eligible, "
             f"{self.masked_numel:,} of {self.total_numel:,} parameters ({share:.1%}); "
-            f"detected by: {self.detector}"
+            f"detected by: {self.detector}{through}"
         )
 
     def table(self) -> str:
@@ -173,13 +194,62 @@ def named_slots(model: nn.Module) -> List[NamedSlot]:
     return slots
 
 
+def _wrapper_attribute(model: nn.Module) -> Optional[str]:
+    """The attribute holding the wrapped model if ``model`` is a known wrapper."""
+    class_names = {cls.__name__ for cls in type(model).__mro__}
+    for class_name, attribute in families.MODEL_WRAPPERS:
+        inner = model._modules.get(attribute)
+        if (
+            class_name in class_names
+            and isinstance(inner, nn.Module)
+            and list(model._modules) == [attribute]
+            and not model._parameters
+        ):
+            return attribute
+    return None
+
+
+def unwrap(model: nn.Module) -> Tuple[nn.Module, str, Tuple[str, ...]]:
+    """(innermost model, the prefix wrappers add to its names, the wrappers' class
+    names outermost first), peeling ``families.MODEL_WRAPPERS`` as often as they nest."""
+    prefix, wrappers = "", []
+    attribute = _wrapper_attribute(model)
+    while attribute is not None:
+        wrappers.append(type(model).__name__)
+        prefix += attribute + "."
+        model = model._modules[attribute]
+        attribute = _wrapper_attribute(model)
+    return model, prefix, tuple(wrappers)
+
+
+def strip_wrapper_prefixes(name: str) -> str:
+    """``name`` without leading wrapper attributes (``module.``, ``_orig_mod.``), as
+    a state-dict key saved from a wrapped model carries them."""
+    attributes = tuple(attribute + "." for _, attribute in families.MODEL_WRAPPERS)
+    while name.startswith(attributes):
+        name = name.split(".", 1)[1]
+    return name
+
+
 def detect(
     model: nn.Module,
     slots: Sequence[NamedSlot],
     detectors: Optional[Sequence[Tuple[str, Detector]]] = None,
 ) -> Tuple[str, Dict[str, Verdict]]:
     """(label, verdicts) from the first detector that recognises ``model``, else the
-    generic rule. ``detectors`` defaults to :data:`DETECTORS`."""
+    generic rule. ``detectors`` defaults to :data:`DETECTORS`.
+
+    A wrapped ``model`` (:func:`unwrap`) is detected as the model it wraps, on the
+    slots under the wrappers' prefix; the verdicts carry the prefix again.
+    """
+    inner, prefix, _ = unwrap(model)
+    if prefix:
+        inner_slots = [
+            (name[len(prefix):], module, local)
+            for name, module, local in slots if name.startswith(prefix)
+        ]
+        label, verdicts = detect(inner, inner_slots, detectors)
+        return label, {prefix + name: verdict for name, verdict in verdicts.items()}
     for label, detector in DETECTORS if detectors is None else detectors:
         verdicts = detector(model, slots)
         if verdicts is not None:
@@ -196,8 +266,11 @@ def find_layers(
     """Decide, for every parameter of ``model``, whether LIPS masks it and why.
 
     Args:
-        model: any ``nn.Module``.
-        include: ``fnmatch`` globs on parameter names that make a tensor eligible.
+        model: any ``nn.Module``; a ``torch.compile``/``DistributedDataParallel``/
+            ``DataParallel`` wrapper is detected as the model it wraps, and the plan
+            names tensors as the wrapper does (``_orig_mod.``/``module.`` prefixes).
+        include: ``fnmatch`` globs on parameter names that make a tensor eligible;
+            a glob matches a name with or without the wrappers' prefix.
         exclude: globs that make a tensor exempt; they win over ``include``.
         allow_empty: return a plan with nothing eligible instead of raising.
 
@@ -208,6 +281,7 @@ def find_layers(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     include, exclude = tuple(include), tuple(exclude)
+    inner, prefix, wrappers = unwrap(model)
     slots = named_slots(model)
     label, verdicts = detect(model, slots)
 
@@ -218,32 +292,48 @@ def find_layers(
         names_of.setdefault(id(param), []).append(name)
         params[id(param)] = param
 
-    _check_patterns_match(include, "include", [s[0] for s in slots])
-    _check_patterns_match(exclude, "exclude", [s[0] for s in slots])
+    _check_patterns_match(include, "include", [s[0] for s in slots], prefix)
+    _check_patterns_match(exclude, "exclude", [s[0] for s in slots], prefix)
 
     decisions = []
     for key, names in names_of.items():
         param = params[key]
-        eligible, reason = _decide(names, verdicts, param, include, exclude)
+        eligible, reason = _decide(names, verdicts, param, include, exclude, prefix)
         decisions.append(
             TensorDecision(names[0], tuple(param.shape), eligible, reason, tuple(names[1:]))
         )
-    plan = LayerPlan(tuple(decisions), label)
+    plan = LayerPlan(tuple(decisions), label, prefix, wrappers)
     if not plan.eligible and not allow_empty:
         raise ValueError(
-            f"no eligible layer found in {type(model).__name__}: LIPS masks the weights "
+            f"no eligible layer found in {type(inner).__name__}: LIPS masks the weights "
             "of middle layers (between the input stem and the head). Name tensors with "
             "include=[...] patterns, or check the plan:\n" + plan.table()
         )
     return plan
 
 
-def _check_patterns_match(patterns: Sequence[str], label: str, names: Sequence[str]) -> None:
+def _forms(name: str, prefix: str) -> Tuple[str, ...]:
+    """The names a pattern may match: as the (wrapped) model has it, and unprefixed."""
+    return (name, name[len(prefix):]) if prefix and name.startswith(prefix) else (name,)
+
+
+def _first_match(names: Sequence[str], patterns: Sequence[str], prefix: str) -> Optional[str]:
+    for name in names:
+        for pattern in patterns:
+            if any(fnmatch.fnmatchcase(form, pattern) for form in _forms(name, prefix)):
+                return pattern
+    return None
+
+
+def _check_patterns_match(
+    patterns: Sequence[str], label: str, names: Sequence[str], prefix: str
+) -> None:
     for pattern in patterns:
-        if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
+        if _first_match(names, [pattern], prefix) is None:
             raise ValueError(
                 f"{label} pattern {pattern!r} matches no parameter name; names look like "
                 f"{', '.join(repr(n) for n in names[:3])}"
+                + (f" (the prefix {prefix!r} may be left out)" if prefix else "")
             )
 
 
@@ -253,20 +343,19 @@ def _decide(
     param: torch.Tensor,
     include: Sequence[str],
     exclude: Sequence[str],
+    prefix: str,
 ) -> Verdict:
-    for name in names:
-        for pattern in exclude:
-            if fnmatch.fnmatchcase(name, pattern):
-                return False, f"exclude pattern {pattern!r}"
-    for name in names:
-        for pattern in include:
-            if fnmatch.fnmatchcase(name, pattern):
-                if not param.is_floating_point():
-                    raise ValueError(
-                        f"include pattern {pattern!r} selects {name}, a {param.dtype} tensor; "
-                        "only floating-point tensors can be masked"
-                    )
-                return True, f"include pattern {pattern!r}"
+    excluded = _first_match(names, exclude, prefix)
+    if excluded is not None:
+        return False, f"exclude pattern {excluded!r}"
+    included = _first_match(names, include, prefix)
+    if included is not None:
+        if not param.is_floating_point():
+            raise ValueError(
+                f"include pattern {included!r} selects {names[0]}, a {param.dtype} tensor; "
+                "only floating-point tensors can be masked"
+            )
+        return True, f"include pattern {included!r}"
     first_eligible, first_reason = verdicts[names[0]]
     for name in names[1:]:
         eligible, reason = verdicts[name]
