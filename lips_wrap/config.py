@@ -11,6 +11,13 @@ import torch
 SCORES: Tuple[str, ...] = ("sensitivity", "magnitude", "low_magnitude", "random")
 """Accepted score names: |g * W| (the paper's), |W|, smallest |W| first, uniform random."""
 
+UNWRAPPED_TRAINING: Tuple[str, ...] = ("warn", "error", "ignore")
+"""What LIPS does when the model trained without a step through ``lips.optimizer``."""
+
+REFERENCES: Tuple[str, ...] = ("zero", "initial")
+"""Where dropped entries go: to zero (the paper's method) or back to the weights the
+run started from (the fine-tuning mode)."""
+
 GRAD_DTYPES = {
     "float16": torch.float16,
     "bfloat16": torch.bfloat16,
@@ -39,7 +46,7 @@ def _as_patterns(value: object, field_name: str) -> Tuple[str, ...]:
 
 @dataclass(frozen=True)
 class LIPSConfig:
-    """Settings of LIPS (see LIPS_METHOD.md).
+    """Settings of LIPS (the method is described on the docs' method page).
 
     Args:
         total_rounds: number of communication rounds ``T`` of the whole run (>= 1).
@@ -54,6 +61,14 @@ class LIPSConfig:
         grad_device: where stored gradients live; ``None`` keeps them beside the
             parameter, ``"cpu"`` moves them off the accelerator for large models.
         seed: seed of the ``random`` score.
+        unwrapped_training: what to do when the model trained since the last
+            :meth:`~lips_wrap.LIPS.on_global_model` call but no step went through
+            ``lips.optimizer`` (so no gradient was kept): ``"warn"`` (default),
+            ``"error"`` (raise ``RuntimeError`` before any change) or ``"ignore"``.
+        reference: ``"zero"`` (default, the paper's method: dropped entries become 0)
+            or ``"initial"`` (fine-tuning mode: dropped entries return to the weights
+            the run started from, and every score ranks ``W - W_initial`` instead of
+            ``W``; with a zero reference both are the same).
     """
 
     total_rounds: int
@@ -65,6 +80,8 @@ class LIPSConfig:
     grad_dtype: torch.dtype = torch.float16
     grad_device: Optional[str] = None
     seed: int = 0
+    unwrapped_training: str = "warn"
+    reference: str = "zero"
 
     def __post_init__(self) -> None:
         for name, minimum in (("total_rounds", 1), ("period", 1), ("seed", None)):
@@ -80,6 +97,12 @@ class LIPSConfig:
             raise ValueError(
                 f"unknown score {self.score!r}; accepted: {', '.join(SCORES)}"
             )
+        for name, accepted in (("unwrapped_training", UNWRAPPED_TRAINING),
+                               ("reference", REFERENCES)):
+            if getattr(self, name) not in accepted:
+                raise ValueError(
+                    f"unknown {name} {getattr(self, name)!r}; accepted: {', '.join(accepted)}"
+                )
         object.__setattr__(self, "include", _as_patterns(self.include, "include"))
         object.__setattr__(self, "exclude", _as_patterns(self.exclude, "exclude"))
         object.__setattr__(self, "grad_dtype", _as_grad_dtype(self.grad_dtype))

@@ -2,99 +2,28 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
-from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+import warnings
+from typing import Any, Dict, List, Mapping, Optional
 
 import torch
 from torch import nn
 
 from .config import LIPSConfig
 from .layers import LayerPlan, find_layers
-from .masking import check_finite, compute_score, keep_count
+from .masking import check_finite, keep_count, mask_by_score_
 from .optimizer import LIPSOptimizer
+from .report import MaskReport
 from .schedule import check_round, density_at
-from .selection import apply_selection_, select_top_k
+from .witness import TrainingWitness
 
 logger = logging.getLogger(__name__)
 
 STATE_VERSION = 1
+STATE_KEYS = ("version", "last_round", "grads")
+"""Keys every LIPS state holds; ``reference`` is added in the fine-tuning mode."""
 
-
-@dataclass(frozen=True)
-class MaskReport:
-    """What :meth:`LIPS.on_global_model` did in one round.
-
-    ``density`` is None on rounds that do not mask. ``fallback`` names the tensors
-    scored by magnitude because this client had no stored gradient for them yet
-    (it had never trained, e.g. with partial participation).
-    """
-
-    round: int
-    density: Optional[float]
-    score: Optional[str]
-    tensors_masked: int
-    elements_zeroed: int
-    elements_eligible: int
-    fallback: Tuple[str, ...] = ()
-
-    @property
-    def masked(self) -> bool:
-        return self.density is not None
-
-    def __str__(self) -> str:
-        if not self.masked:
-            return f"round {self.round}: no mask"
-        text = (
-            f"round {self.round}: masked {self.tensors_masked} tensors at density "
-            f"{self.density:.3f} ({self.score}), zeroed {self.elements_zeroed:,} of "
-            f"{self.elements_eligible:,} eligible entries"
-        )
-        if self.fallback:
-            text += f"; {len(self.fallback)} tensors had no stored gradient: magnitude score"
-        return text
-
-
-def score_generator(
-    seed: int, round_index: int, name: str, device: torch.device
-) -> torch.Generator:
-    """The generator of the random score for one tensor in one round: seeded from
-    ``(seed, round, name)``, so the draw is reproducible and differs per tensor."""
-    digest = hashlib.blake2b(f"{seed}:{round_index}:{name}".encode(), digest_size=8).digest()
-    generator = torch.Generator(device=device)
-    generator.manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
-    return generator
-
-
-def mask_by_score_(
-    targets: List[torch.Tensor],
-    weight: torch.Tensor,
-    signal: Optional[torch.Tensor],
-    density: float,
-    config: LIPSConfig,
-    round_index: int,
-    name: str,
-) -> bool:
-    """Score ``weight`` by ``config.score``, keep its ``int(density * numel)`` best
-    entries and zero the others in every tensor of ``targets``, in place.
-
-    ``signal`` is the ``g`` of the sensitivity score (a client's last-step gradient, or
-    the server's global update); without one the score falls back to magnitude, and
-    True is returned. The caller has checked ``weight`` and ``signal`` for NaN/inf.
-    """
-    kind, generator = config.score, None
-    fell_back = kind == "sensitivity" and signal is None
-    if fell_back:
-        kind = "magnitude"
-    if kind == "random":
-        generator = score_generator(config.seed, round_index, name, weight.device)
-    score = compute_score(kind, weight, signal, generator)
-    kept = keep_count(weight.numel(), density)
-    # Inputs are finite, so the score holds no NaN (an overflow to +inf ranks first).
-    selection = select_top_k(score, kept, name, check=False)
-    apply_selection_(targets, score, selection)
-    return fell_back
+__all__ = ["LIPS", "MaskReport", "STATE_VERSION"]
 
 
 def _single_device(model: nn.Module) -> None:
@@ -106,6 +35,24 @@ def _single_device(model: nn.Module) -> None:
         raise ValueError(
             f"the model's parameters lie on several devices: {listed}; LIPS needs every "
             "parameter on one device (move the model with model.to(device) first)"
+        )
+
+
+def _no_sharded_parameters(model: nn.Module) -> None:
+    """Refuse DTensor parameters (FSDP2 ``fully_shard``, tensor parallel): the k-th
+    largest score would have to be found across shards."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed
+        return
+    sharded = [name for name, p in model.named_parameters() if isinstance(p, DTensor)]
+    if sharded:
+        raise ValueError(
+            f"{len(sharded)} parameters are sharded DTensors (e.g. {sharded[0]}: FSDP2 "
+            "fully_shard or tensor parallelism); LIPS supports plain, DataParallel, "
+            "DistributedDataParallel and torch.compile models, not sharded parameters. "
+            "Use DDP, or mask on the server with lips_wrap.mask_global_state on the "
+            "full state dict"
         )
 
 
@@ -140,6 +87,7 @@ class LIPS:
                 f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
             )
         _single_device(model)
+        _no_sharded_parameters(model)
         self.model = model
         self.config = config
         self.plan: LayerPlan = find_layers(model, config.include, config.exclude)
@@ -157,16 +105,79 @@ class LIPS:
         self.optimizer = LIPSOptimizer(
             optimizer, self._params.values(), config.grad_dtype, config.grad_device
         )
+        self._reference: Dict[str, torch.Tensor] = {}
+        if config.reference == "initial":
+            self.set_reference({name: p.detach() for name, p in self._params.items()})
+        self._witness = TrainingWitness(self._params, self.optimizer)
         self._last_round: Optional[int] = None
         self.last_report: Optional[MaskReport] = None
+
+    def set_reference(self, weights: Mapping[str, torch.Tensor]) -> None:
+        """Set the weights dropped entries return to in the fine-tuning mode
+        (``LIPSConfig(reference="initial")``); by default the model's eligible
+        weights when LIPS was built. ``weights`` maps every eligible name to a finite
+        tensor of its shape; copies are kept in the parameter's dtype, on
+        ``config.grad_device`` or beside the parameter (memory: one copy of the
+        eligible weights)."""
+        if self.config.reference != "initial":
+            raise ValueError(
+                f"set_reference needs LIPSConfig(reference='initial'), this LIPS has "
+                f"reference={self.config.reference!r}"
+            )
+        self._reference = self._checked_tensors(weights, "reference", "weight", exact=True)
+
+    def _checked_tensors(
+        self, tensors: object, key: str, what: str, exact: bool
+    ) -> Dict[str, torch.Tensor]:
+        """Validate a name -> tensor mapping for the eligible parameters and return
+        copies (the parameter's dtype when ``exact``, else ``grad_dtype``)."""
+        if not isinstance(tensors, Mapping):
+            raise ValueError(
+                f"{key} must be a dict of parameter name -> tensor, got "
+                f"{type(tensors).__name__}"
+            )
+        unknown = sorted(set(tensors) - set(self._params))
+        if unknown:
+            raise ValueError(
+                f"{key} holds tensors for names this LIPS does not mask: "
+                f"{', '.join(map(str, unknown[:5]))}"
+            )
+        if exact:
+            absent = [name for name in self._params if name not in tensors]
+            if absent:
+                raise ValueError(
+                    f"{key} lacks {len(absent)} of the eligible tensors, e.g. {absent[0]}"
+                )
+        copies = {}
+        for name, tensor in tensors.items():
+            param = self._params[name]
+            if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+                raise ValueError(
+                    f"{key}[{name!r}] must be a floating-point tensor, got "
+                    f"{type(tensor).__name__}"
+                )
+            if tuple(tensor.shape) != tuple(param.shape):
+                raise ValueError(
+                    f"{key}[{name!r}]: {what} of shape {tuple(tensor.shape)}, the "
+                    f"parameter has {tuple(param.shape)}"
+                )
+            if exact and tensor is self._reference.get(name):
+                copies[name] = tensor  # our own reference, restored: already checked
+                continue
+            check_finite(tensor, f"{key}[{name!r}]", allow_inf=not exact)
+            device = self.config.grad_device or param.device
+            dtype = param.dtype if exact else self.config.grad_dtype
+            copies[name] = tensor.detach().to(device=device, dtype=dtype, copy=True)
+        return copies
 
     def on_global_model(self, round: int) -> MaskReport:  # noqa: A002 (contract name)
         """Call right after loading the global model, before training round ``round``.
 
-        On mask rounds (LIPS_METHOD.md step 1) each eligible tensor keeps its
-        ``int(d * numel)`` best-scoring entries; the rest, and the optimizer state at
-        those entries, are set to zero. Otherwise nothing changes. Rounds must
-        increase from call to call.
+        On mask rounds (rounds 1, 1 + K, 1 + 2K, ...; see the docs' method page)
+        each eligible tensor keeps its ``int(d * numel)`` best-scoring entries; the
+        rest are set to zero (or to the reference in the fine-tuning mode), and the
+        optimizer state at those entries to exactly zero. Otherwise nothing changes.
+        Rounds must increase from call to call. On any error nothing is changed.
         """
         round = check_round(round, self.config)  # noqa: A001
         if self._last_round is not None and round <= self._last_round:
@@ -175,6 +186,8 @@ class LIPS:
                 "rounds must increase. If one LIPS serves several clients, restore each "
                 "client's state with load_state_dict() before its round"
             )
+        self._check_parameters()
+        self._check_training(round)
         density = density_at(round, self.config)
         report = (
             self._mask(round, density)
@@ -183,8 +196,41 @@ class LIPS:
         )
         self._last_round = round
         self.last_report = report
+        self._witness.mark()
         logger.debug("%s", report)
         return report
+
+    def _check_parameters(self) -> None:
+        for name, param in self._params.items():
+            try:
+                current = self.model.get_parameter(name)
+            except AttributeError:
+                current = None
+            if current is not param:
+                raise RuntimeError(
+                    f"the model's parameter {name} is no longer the one LIPS was built "
+                    "with (it was replaced, e.g. by sharding, re-initialisation or "
+                    "assigning a new nn.Parameter); build LIPS after the model is final"
+                )
+
+    def _check_training(self, round_index: int) -> None:
+        evidence = self._witness.unwrapped_training()
+        if evidence is None or self.config.unwrapped_training == "ignore":
+            return
+        since = (
+            "since LIPS was built" if self._last_round is None
+            else f"since on_global_model({self._last_round})"
+        )
+        message = (
+            f"on_global_model({round_index}): {evidence} {since}. LIPS kept no gradient "
+            "from that training, so its masks score by magnitude (or by stale gradients) "
+            "instead of |g * W|. Fix: train with lips.optimizer, the wrapper (e.g. "
+            "lips.optimizer.step(), scaler.step(lips.optimizer), "
+            "Trainer(optimizers=(lips.optimizer, scheduler)))"
+        )
+        if self.config.unwrapped_training == "error":
+            raise RuntimeError(message)
+        warnings.warn(message, UserWarning, stacklevel=3)
 
     @torch.no_grad()
     def _mask(self, round_index: int, density: float) -> MaskReport:
@@ -193,18 +239,22 @@ class LIPS:
         for name, param in self._params.items():
             check_finite(param, f"weight {name}")
             if cfg.score == "sensitivity" and grads[name] is not None:
-                check_finite(grads[name], f"stored gradient of {name}")
+                # inf: a finite gradient beyond grad_dtype's range, ranked saturated
+                check_finite(grads[name], f"stored gradient of {name}", allow_inf=True)
         fallback: List[str] = []
         zeroed = 0
         for name, param in self._params.items():
             targets = [param, *self.optimizer.state_tensors(param)]
-            if mask_by_score_(targets, param, grads[name], density, cfg, round_index, name):
+            if mask_by_score_(targets, param, grads[name], density, cfg.score,
+                              seed=cfg.seed, round_index=round_index, name=name,
+                              reference=self._reference.get(name)):
                 fallback.append(name)
             zeroed += param.numel() - keep_count(param.numel(), density)
         if fallback:
             logger.info(
-                "round %d: no stored gradient for %d tensors (client has not trained "
-                "yet); scored them by magnitude", round_index, len(fallback)
+                "round %d: no stored gradient for %d tensors (this client has not "
+                "trained through lips.optimizer yet); scored them by magnitude",
+                round_index, len(fallback),
             )
         return MaskReport(
             round_index, density, cfg.score, len(self._params), zeroed,
@@ -212,39 +262,64 @@ class LIPS:
         )
 
     def state_dict(self) -> Dict[str, Any]:
-        """Everything needed to continue this client: stored gradients (copies) and
-        round bookkeeping. Small: one ``grad_dtype`` tensor per eligible parameter."""
+        """Everything needed to continue this client: stored gradients (copies),
+        round bookkeeping, and in the fine-tuning mode the reference weights (shared,
+        not copied: they do not change). Small: one ``grad_dtype`` tensor per
+        eligible parameter."""
         grads = {}
         for name, param in self._params.items():
             grad = self.optimizer.captured_grad(param)
             if grad is not None:
                 grads[name] = grad.detach().clone()
-        return {"version": STATE_VERSION, "last_round": self._last_round, "grads": grads}
+        state: Dict[str, Any] = {
+            "version": STATE_VERSION, "last_round": self._last_round, "grads": grads,
+        }
+        if self.config.reference == "initial":
+            state["reference"] = dict(self._reference)
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore a state from :meth:`state_dict` (a client's own, or a fresh one)."""
+        """Restore a state from :meth:`state_dict` (a client's own, or a fresh one).
+
+        The whole dict is checked first; on any error this LIPS is left unchanged.
+        """
         if not isinstance(state, Mapping) or state.get("version") != STATE_VERSION:
             raise ValueError(
-                f"not a LIPS state (expected a dict with version {STATE_VERSION}), got "
-                f"{type(state).__name__}"
+                f"not a LIPS state (expected a dict with version {STATE_VERSION}, as "
+                f"LIPS.state_dict() returns), got {_describe(state)}"
             )
-        grads = state.get("grads", {})
-        unknown = sorted(set(grads) - set(self._params))
-        if unknown:
+        expected = STATE_KEYS + (("reference",) if self.config.reference == "initial" else ())
+        missing = [key for key in expected if key not in state]
+        extra = sorted(str(key) for key in state if key not in expected)
+        if missing or extra:
             raise ValueError(
-                f"LIPS state holds gradients for tensors this model does not mask: "
-                f"{', '.join(unknown[:5])}"
+                f"LIPS state: missing keys {missing}, unexpected keys {extra}; a state "
+                f"holds exactly {', '.join(expected)} (as LIPS.state_dict() returns)"
             )
-        for name, grad in grads.items():
-            if tuple(grad.shape) != tuple(self._params[name].shape):
-                raise ValueError(
-                    f"stored gradient of {name} has shape {tuple(grad.shape)}, the "
-                    f"parameter has {tuple(self._params[name].shape)}"
-                )
-        last_round = state.get("last_round")
+        last_round = state["last_round"]
         if last_round is not None:
+            if isinstance(last_round, bool) or not isinstance(last_round, int):
+                raise ValueError(
+                    f"LIPS state: last_round must be None or a round index, got "
+                    f"{last_round!r}"
+                )
             last_round = check_round(last_round, self.config)
+        grads = self._checked_tensors(state["grads"], "LIPS state grads", "gradient",
+                                      exact=False)
+        reference = (
+            self._checked_tensors(state["reference"], "LIPS state reference", "weight",
+                                  exact=True)
+            if "reference" in expected else {}
+        )
         for name, param in self._params.items():
             self.optimizer.set_captured_grad(param, grads.get(name))
+        self._reference = reference
         self._last_round = last_round
         self.last_report = None
+        self._witness.mark()
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, Mapping):
+        return f"a dict with keys {sorted(map(str, value))} and version {value.get('version')!r}"
+    return type(value).__name__

@@ -1,4 +1,5 @@
-"""Masking numerics: scores and exact per-tensor keep-masks. Pure tensor functions.
+"""Masking numerics: scores, exact per-tensor keep-masks, and the one score -> select
+-> overwrite step used by the client and the server side. Pure tensor functions.
 
 Every score is "higher is kept". :func:`keep_mask` keeps exactly ``k`` entries: all
 entries scoring above the k-th largest score, then, among the entries that tie with
@@ -9,11 +10,24 @@ not depend on the device or on how the selection is computed (see
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional
+import hashlib
+from typing import Callable, Dict, Optional, Sequence
 
 import torch
 
-from .selection import kth_largest_counts, select_top_k, selection_mask
+from .selection import (
+    NonFiniteError,
+    apply_selection_,
+    check_finite,
+    kth_largest_counts,
+    select_top_k,
+    selection_mask,
+)
+
+__all__ = [
+    "NonFiniteError", "apply_mask_", "check_finite", "compute_score", "keep_count",
+    "keep_mask", "kth_largest", "mask_by_score_", "score_generator",
+]
 
 Tensor = torch.Tensor
 SCORE_CHUNK = 1 << 16
@@ -30,19 +44,26 @@ def keep_count(numel: int, density: float) -> int:
 
 def sensitivity_score(weight: Tensor, grad: Tensor) -> Tensor:
     """``|g * W|`` in float32 (the paper's ``sensityk``), computed as ``float32(W) *
-    float32(g)``; on CPU chunk by chunk, so the conversions stay in cache."""
+    float32(g)``; on CPU chunk by chunk, so the conversions stay in cache.
+
+    Infinite entries of ``g`` count as the largest finite value of ``g``'s dtype: a
+    finite gradient beyond float16's range (e.g. 7e4 under loss scaling) is stored as
+    inf by a float16 buffer, and is ranked as saturated, not as an error.
+    """
     if grad.shape != weight.shape:
         raise ValueError(
             f"gradient shape {tuple(grad.shape)} differs from weight shape {tuple(weight.shape)}"
         )
     grad = grad.to(weight.device, non_blocking=True)
+    limit = torch.finfo(grad.dtype).max
     if weight.device.type != "cpu" or not (weight.is_contiguous() and grad.is_contiguous()):
-        return torch.mul(weight.to(torch.float32), grad.to(torch.float32)).abs_()
+        saturated = grad.to(torch.float32).clamp_(-limit, limit)
+        return torch.mul(weight.to(torch.float32), saturated).abs_()
     score = torch.empty(weight.shape, dtype=torch.float32)
     flat, w_flat, g_flat = score.view(-1), weight.view(-1), grad.view(-1)
     for start in range(0, flat.numel(), SCORE_CHUNK):
         end = start + SCORE_CHUNK
-        w_part, g_part = w_flat[start:end], g_flat[start:end]
+        w_part, g_part = w_flat[start:end], g_flat[start:end].clamp(-limit, limit)
         if w_part.dtype != torch.float32 and g_part.dtype != torch.float32:
             w_part = w_part.to(torch.float32)
         torch.mul(w_part, g_part, out=flat[start:end]).abs_()
@@ -95,24 +116,6 @@ def compute_score(
     return plain[kind](weight)
 
 
-def check_finite(tensor: Tensor, what: str) -> None:
-    """Raise ``ValueError`` naming ``what`` if ``tensor`` holds NaN or inf.
-
-    One float32 sum decides (NaN and inf propagate into it); only a non-finite sum,
-    which may also come from an overflow, is followed by the exact element check.
-    """
-    if not tensor.is_floating_point():
-        return
-    if bool(torch.isfinite(tensor.sum(dtype=torch.float32))):
-        return
-    if not bool(torch.isfinite(tensor).all()):
-        bad = int((~torch.isfinite(tensor)).sum())
-        raise ValueError(
-            f"{what} holds {bad} NaN or inf value(s); LIPS cannot rank entries of a "
-            "non-finite tensor (check the training run for divergence)"
-        )
-
-
 def kth_largest(score: Tensor, k: int) -> Tensor:
     """The ``k``-th largest value of ``score`` (1 <= k <= numel), without sorting;
     a 0-dim tensor of ``score``'s dtype and device."""
@@ -139,3 +142,59 @@ def keep_mask(score: Tensor, k: int, name: str = "score") -> Tensor:
 def apply_mask_(tensor: Tensor, mask: Tensor) -> Tensor:
     """Zero ``tensor`` where ``mask`` is False, in place."""
     return tensor.masked_fill_(mask.logical_not(), 0)
+
+
+def score_generator(
+    seed: int, round_index: int, name: str, device: torch.device
+) -> torch.Generator:
+    """The generator of the random score for one tensor in one round: seeded from
+    ``(seed, round, name)``, so the draw is reproducible and differs per tensor."""
+    digest = hashlib.blake2b(f"{seed}:{round_index}:{name}".encode(), digest_size=8).digest()
+    generator = torch.Generator(device=device)
+    generator.manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
+    return generator
+
+
+def mask_by_score_(
+    targets: Sequence[Tensor],
+    weight: Tensor,
+    signal: Optional[Tensor],
+    density: float,
+    kind: str,
+    *,
+    seed: int = 0,
+    round_index: int = 0,
+    name: str = "weight",
+    reference: Optional[Tensor] = None,
+) -> bool:
+    """Score ``weight`` by ``kind``, keep its ``int(density * numel)`` best entries
+    and overwrite the others, in place, in every tensor of ``targets``.
+
+    ``targets[0]`` is the weight to mask (``weight`` itself, or a copy of it): its
+    dropped entries become 0, or the matching entries of ``reference`` when one is
+    given (then every score ranks ``W - reference`` instead of ``W``). Every other
+    target (optimizer state) gets exactly 0 at dropped entries.
+
+    ``signal`` is the ``g`` of the sensitivity score (a client's last-step gradient,
+    or the server's global update); without one the score falls back to magnitude,
+    and True is returned. ``seed``, ``round_index`` and ``name`` seed the random
+    score. The caller has checked ``weight`` (and ``reference``) for NaN/inf and
+    ``signal`` for NaN; infinite entries of ``signal`` are saturated.
+    """
+    fell_back = kind == "sensitivity" and signal is None
+    if fell_back:
+        kind = "magnitude"
+    generator = (
+        score_generator(seed, round_index, name, weight.device) if kind == "random" else None
+    )
+    moved = weight
+    if reference is not None:
+        moved = weight.to(torch.float32) - reference.to(weight.device, torch.float32)
+    score = compute_score(kind, moved, signal, generator)
+    kept = keep_count(weight.numel(), density)
+    # Inputs are finite and the signal saturated, so the score holds no NaN (an
+    # overflow to +inf ranks first).
+    selection = select_top_k(score, kept, name, check=False)
+    fills = None if reference is None else [reference] + [None] * (len(targets) - 1)
+    apply_selection_(targets, score, selection, fills=fills)
+    return fell_back

@@ -49,8 +49,31 @@ BUDGET = 0.125
 _SEED = 0x11_95
 
 
-class NonFiniteScoreError(ValueError):
-    """A score holds NaN or inf, so its entries cannot be ranked."""
+class NonFiniteError(ValueError):
+    """A tensor LIPS must rank (weight, stored gradient, update, score) holds NaN or
+    inf. The one error type of every finiteness check; a ``ValueError``."""
+
+
+def check_finite(tensor: Tensor, what: str, allow_inf: bool = False) -> None:
+    """Raise :class:`NonFiniteError` naming ``what`` if ``tensor`` holds NaN (or inf,
+    unless ``allow_inf``).
+
+    One float32 sum decides the common case (NaN and inf propagate into it); only a
+    non-finite sum, which may also come from an overflow, is followed by the exact
+    element check.
+    """
+    if not tensor.is_floating_point():
+        return
+    if bool(torch.isfinite(tensor.sum(dtype=torch.float32))):
+        return
+    bad = torch.isnan(tensor) if allow_inf else ~torch.isfinite(tensor)
+    count = int(bad.sum())
+    if count:
+        kind = "NaN" if allow_inf else "NaN or inf"
+        raise NonFiniteError(
+            f"{what} holds {count} {kind} value(s); LIPS cannot rank the entries of a "
+            "non-finite tensor (check the training run for divergence)"
+        )
 
 
 class Selection(NamedTuple):
@@ -77,7 +100,7 @@ def select_top_k(
     """The :class:`Selection` keeping exactly ``k`` entries of ``score``.
 
     Keeps the ``k`` largest scores; ties at the threshold go to the lowest flat
-    indices. With ``check`` it raises :class:`NonFiniteScoreError` (a ``ValueError``)
+    indices. With ``check`` it raises :class:`NonFiniteError` (a ``ValueError``)
     naming ``name`` if the score holds NaN or inf (the test is fused into the pass);
     without, the caller guarantees there is no NaN (e.g. a score of finite weights and
     gradients, where an overflow to +inf is simply ranked first).
@@ -91,7 +114,7 @@ def select_top_k(
     step = chunk or default_chunk(flat.device)
     if k in (0, numel):
         if check:
-            _require_finite(flat, name)
+            check_finite(flat, name)
         return Selection(math.inf, 0, 0) if k == 0 else Selection(-math.inf, numel, numel)
     threshold, above, ties = kth_largest_counts(flat, k, name, step, check)
     needed = k - above
@@ -110,7 +133,7 @@ def kth_largest_counts(
     numel = flat.numel()
     if numel <= SMALL:
         if check:
-            _require_finite(flat, name)
+            check_finite(flat, name)
         return _direct(flat, k)
     lo, hi = _bracket(flat, k)
     found = _bracket_pass(flat, lo, hi, step, name, check)
@@ -147,46 +170,63 @@ def selection_mask(score: Tensor, selection: Selection) -> Tensor:
 
 def apply_selection_(
     tensors: Sequence[Tensor], score: Tensor, selection: Selection,
-    chunk: Optional[int] = None,
+    chunk: Optional[int] = None, fills: Optional[Sequence[Optional[Tensor]]] = None,
 ) -> None:
-    """Zero, in place, the entries of each tensor (all of ``score``'s shape) that
-    ``selection`` drops, chunk by chunk. Dropped entries become ``+0.0`` or ``-0.0``
-    (multiplication by the keep factor); kept entries are unchanged."""
+    """Set, in place, the entries of each tensor (all of ``score``'s shape) that
+    ``selection`` drops: to exactly ``+0.0``, or to the matching entries of
+    ``fills[i]`` where one is given. Kept entries are unchanged; dropped entries are
+    overwritten whatever they held (inf and NaN included).
+
+    Any memory format or stride works: the selection is made on the logical
+    (row-major) order of ``score`` and applied to each tensor's logical entries.
+    """
     flat = score.reshape(-1)
     step = chunk or default_chunk(flat.device)
-    direct: List[Tensor] = []
-    for tensor in tensors:
-        if tensor.shape != score.shape:
-            raise ValueError(
-                f"tensor of shape {tuple(tensor.shape)} cannot take a selection made "
-                f"on a score of shape {tuple(score.shape)}"
-            )
-        if not (tensor.is_contiguous() and tensor.device == flat.device):
-            direct.append(tensor)
-    chunked = [t.view(-1) for t in tensors if not any(t is d for d in direct)]
+    fills = [None] * len(tensors) if fills is None else list(fills)
+    if len(fills) != len(tensors):
+        raise ValueError(f"got {len(fills)} fills for {len(tensors)} tensors")
+    chunked: List[Tuple[Tensor, Optional[Tensor]]] = []
+    direct: List[Tuple[Tensor, Optional[Tensor]]] = []
+    for tensor, fill in zip(tensors, fills):
+        for checked in (tensor, fill):
+            if checked is not None and checked.shape != score.shape:
+                raise ValueError(
+                    f"tensor of shape {tuple(checked.shape)} cannot take a selection made "
+                    f"on a score of shape {tuple(score.shape)}"
+                )
+        if fill is not None:
+            fill = fill.to(device=tensor.device, dtype=tensor.dtype)
+        flat_layout = tensor.is_contiguous() and tensor.device == flat.device
+        if flat_layout and (fill is None or fill.is_contiguous()):
+            chunked.append((tensor.view(-1), None if fill is None else fill.view(-1)))
+        else:
+            direct.append((tensor, fill))
     if chunked:
-        factor = torch.empty(min(step, flat.numel()), dtype=flat.dtype, device=flat.device)
+        keep = torch.empty(min(step, flat.numel()), dtype=torch.bool, device=flat.device)
+        drop = torch.empty_like(keep)
         for start in range(0, flat.numel(), step):
             part = flat[start:start + step]
-            keep = keep_factor(part, selection, start, factor[:part.numel()])
-            for tensor in chunked:
-                tensor[start:start + step].mul_(keep)
+            size = part.numel()
+            keep_factor(part, selection, start, keep[:size])
+            torch.logical_not(keep[:size], out=drop[:size])
+            for tensor, fill in chunked:
+                _drop_(tensor[start:start + step], drop[:size],
+                       None if fill is None else fill[start:start + step])
     if direct:
-        mask = selection_mask(score, selection)
-        for tensor in direct:
-            tensor.masked_fill_(mask.to(tensor.device).logical_not_(), 0)
+        dropped = selection_mask(score, selection).logical_not_()
+        for tensor, fill in direct:
+            _drop_(tensor, dropped.to(tensor.device), fill)
+
+
+def _drop_(tensor: Tensor, drop: Tensor, fill: Optional[Tensor]) -> None:
+    """Overwrite ``tensor`` where ``drop`` is True: with 0, or with ``fill``."""
+    if fill is None:
+        tensor.masked_fill_(drop, 0)
+    else:
+        tensor.copy_(torch.where(drop, fill, tensor))
 
 
 # -- internals -------------------------------------------------------------------------
-def _require_finite(flat: Tensor, name: str) -> None:
-    if not bool(torch.isfinite(flat).all()):
-        bad = int((~torch.isfinite(flat)).sum())
-        raise NonFiniteScoreError(
-            f"{name} holds {bad} NaN or inf value(s); LIPS cannot rank entries of a "
-            "non-finite tensor (check the training run for divergence)"
-        )
-
-
 def _direct(flat: Tensor, k: int) -> Tuple[float, int, int]:
     value = torch.kthvalue(flat, flat.numel() - k + 1).values
     above = int(torch.gt(flat, value).sum())
@@ -242,7 +282,7 @@ def _bracket_pass(
             return None
         pieces.append(inside)
     if check and not bool(torch.isfinite(torch.stack(sums).sum())):
-        _require_finite(flat, name)  # NaN/inf, or a sum that overflowed: look closer
+        check_finite(flat, name)  # NaN/inf, or a sum that overflowed: look closer
     count = _total(above)
     if lo == hi:
         return count, _total(equal)

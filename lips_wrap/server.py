@@ -15,8 +15,8 @@ import torch
 
 from .config import LIPSConfig
 from .layers import LayerPlan
-from .lips import MaskReport, mask_by_score_
-from .masking import check_finite, keep_count
+from .masking import check_finite, keep_count, mask_by_score_
+from .report import MaskReport
 from .schedule import density_at
 
 
@@ -26,13 +26,18 @@ def mask_global_state(
     plan: LayerPlan,
     round_index: int,
     config: LIPSConfig,
+    reference: Optional[Mapping[str, torch.Tensor]] = None,
 ) -> Tuple[Dict[str, torch.Tensor], MaskReport]:
     """Return the global state to send for ``round_index`` and what was done.
 
     ``state`` is the freshly aggregated global model, ``previous`` the global model of
     the round before (None if unknown: magnitude scores are used). ``round_index`` is
-    the 0-based round the clients are about to start. The input mappings are never
-    modified: masked tensors are new, the others are the same objects.
+    the 0-based round the clients are about to start. ``reference`` (fine-tuning
+    mode, ``LIPSConfig(reference="initial")``) maps every eligible name to the
+    weights dropped entries return to, e.g. the pretrained model the run started
+    from; scores then rank ``W - reference``. The input mappings are never
+    modified: masked tensors are new, the others are the same objects. Everything is
+    checked before anything is computed.
     """
     density = density_at(round_index, config)
     result = dict(state)
@@ -44,12 +49,29 @@ def mask_global_state(
             f"the global state lacks {len(missing)} tensors the plan masks, e.g. "
             f"{', '.join(missing[:3])}; was the plan built from the same model?"
         )
+    if config.reference == "initial" and reference is None:
+        raise ValueError(
+            "LIPSConfig(reference='initial') needs mask_global_state(..., reference=...): "
+            "the weights the run started from, keyed like the state"
+        )
+    if config.reference == "zero" and reference is not None:
+        raise ValueError(
+            "a reference was given but the config has reference='zero'; use "
+            "LIPSConfig(reference='initial') for the fine-tuning mode"
+        )
+    for decision in plan.eligible:
+        weight = state[decision.name]
+        check_finite(weight, f"global weight {decision.name}")
+        for what, others in (("previous", previous), ("reference", reference)):
+            if others is not None and decision.name in others:
+                _check_like(others[decision.name], weight, f"{what}[{decision.name!r}]")
+        if reference is not None and decision.name not in reference:
+            raise KeyError(f"the reference lacks {decision.name}, which the plan masks")
     fallback = []
     zeroed = 0
     with torch.no_grad():
         for decision in plan.eligible:
             weight = state[decision.name]
-            check_finite(weight, f"global weight {decision.name}")
             delta = None
             known = previous is not None and decision.name in previous
             if config.score == "sensitivity" and known:
@@ -57,8 +79,11 @@ def mask_global_state(
                     device=weight.device, dtype=torch.float32)
                 check_finite(delta, f"global update of {decision.name}")
             masked = weight.clone()
-            if mask_by_score_([masked], weight, delta, density, config, round_index,
-                              decision.name):
+            if mask_by_score_(
+                [masked], weight, delta, density, config.score, seed=config.seed,
+                round_index=round_index, name=decision.name,
+                reference=None if reference is None else reference[decision.name],
+            ):
                 fallback.append(decision.name)
             for name in (decision.name,) + decision.aliases:
                 if name in result:
@@ -67,3 +92,16 @@ def mask_global_state(
     report = MaskReport(round_index, density, config.score, len(plan.eligible), zeroed,
                         plan.masked_numel, tuple(fallback))
     return result, report
+
+
+def _check_like(tensor: object, weight: torch.Tensor, what: str) -> None:
+    """``tensor`` must be a finite floating-point tensor of ``weight``'s shape."""
+    if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+        kind = tensor.dtype if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+        raise ValueError(f"{what} must be a floating-point tensor, got {kind}")
+    if tuple(tensor.shape) != tuple(weight.shape):
+        raise ValueError(
+            f"{what} has shape {tuple(tensor.shape)}, the global weight has "
+            f"{tuple(weight.shape)}; pass the state of the same model"
+        )
+    check_finite(tensor, what)

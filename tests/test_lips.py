@@ -101,7 +101,7 @@ def test_non_finite_values_at_mask_time_name_the_tensor(where):
     target.view(-1)[3] = float("nan")
     before = model.get_parameter("conv1.weight").detach().clone()
     expected = "weight conv2.weight" if where == "weight" else "stored gradient of conv2.weight"
-    with pytest.raises(ValueError, match=f"{expected} holds 1 NaN or inf"):
+    with pytest.raises(ValueError, match=f"{expected} holds 1 NaN"):
         lips.on_global_model(1)
     assert torch.equal(model.get_parameter("conv1.weight"), before)  # nothing half-done
 
@@ -136,7 +136,7 @@ def test_load_state_dict_rejects_foreign_states():
     with pytest.raises(ValueError, match="does not mask: head.weight"):
         lips.load_state_dict({"version": 1, "last_round": None,
                               "grads": {"head.weight": torch.zeros(3, 12)}})
-    with pytest.raises(ValueError, match=r"stored gradient of fc.weight has shape \(2,\)"):
+    with pytest.raises(ValueError, match=r"grads\['fc.weight'\]: gradient of shape \(2,\)"):
         lips.load_state_dict({"version": 1, "last_round": None,
                               "grads": {"fc.weight": torch.zeros(2)}})
     with pytest.raises(ValueError, match="round 99 is outside"):

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from lips_wrap import selection
 from lips_wrap.masking import keep_mask, kth_largest
 from lips_wrap.selection import (
-    NonFiniteScoreError,
+    NonFiniteError,
     Selection,
     apply_selection_,
     select_top_k,
@@ -134,7 +134,7 @@ def test_kth_largest_is_exact():
 def test_non_finite_scores_are_refused(bad, numel):
     score = torch.rand(numel)
     score[numel // 3] = bad
-    with pytest.raises(NonFiniteScoreError, match="w1.*NaN or inf"):
+    with pytest.raises(NonFiniteError, match="w1.*NaN or inf"):
         select_top_k(score, numel // 2, "w1")
     with pytest.raises(ValueError, match="NaN or inf"):
         keep_mask(score, numel, "w1")

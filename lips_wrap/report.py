@@ -1,0 +1,42 @@
+"""MaskReport: what one mask step did, for callers to log."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+
+@dataclass(frozen=True)
+class MaskReport:
+    """What :meth:`lips_wrap.LIPS.on_global_model` (or the server side) did in one round.
+
+    ``round`` is the 0-based round about to start. ``density`` is None on rounds
+    that do not mask. ``fallback`` names the tensors scored by magnitude because no
+    gradient was stored for them yet (the client never trained through
+    ``lips.optimizer``, e.g. with partial participation), or because the server had
+    no previous global model.
+    """
+
+    round: int
+    density: Optional[float]
+    score: Optional[str]
+    tensors_masked: int
+    elements_zeroed: int
+    elements_eligible: int
+    fallback: Tuple[str, ...] = ()
+
+    @property
+    def masked(self) -> bool:
+        return self.density is not None
+
+    def __str__(self) -> str:
+        if not self.masked:
+            return f"round {self.round}: no mask"
+        text = (
+            f"round {self.round}: masked {self.tensors_masked} tensors at density "
+            f"{self.density:.3f} ({self.score}), dropped {self.elements_zeroed:,} of "
+            f"{self.elements_eligible:,} eligible entries"
+        )
+        if self.fallback:
+            text += f"; {len(self.fallback)} tensors had no stored gradient: magnitude score"
+        return text
