@@ -33,7 +33,9 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from inertia import group_means  # noqa: E402
 from models import ResNet8, vgg_bn  # noqa: E402
+from server_sim import simulate_server  # noqa: E402
 
 from lips_wrap import InertiaTracker, LIPSConfig  # noqa: E402
 from lips_wrap.integrations.custom import (  # noqa: E402
@@ -52,20 +54,40 @@ ARMS: Dict[str, Optional[dict]] = {
     "LIPS": {"start_density": 0.5, "score": "sensitivity"},
     "LIPS d0=0.3": {"start_density": 0.3, "score": "sensitivity"},
     "LIPS magnitude": {"start_density": 0.5, "score": "magnitude"},
+    # the server masks the global model (mask_global_state); clients keep no gradients
+    "LIPS server": {"start_density": 0.5, "score": "sensitivity", "side": "server"},
+    # the same schedule with random scores: any transient perturbation, no selection
+    "LIPS random": {"start_density": 0.5, "score": "random"},
 }
 MAIN_ARMS = ("FedAvg", "LIPS")
+OLD_ABLATIONS = ("LIPS d0=0.3", "LIPS magnitude")
+# paired contrasts reported beside "vs FedAvg": (arm, reference arm)
+CONTRASTS = (("LIPS random", "LIPS"), ("LIPS server", "LIPS"), ("LIPS d0=0.3", "LIPS"))
 
 FULL = {
     "digits-vgg": {"task": "digits", "model": "vgg", "clients": 10, "rounds": 30,
                    "seeds": 5, "ablation_seeds": 0, "test_per_client": 100},
     "shapes-resnet8": {"task": "shapes", "model": "resnet8", "clients": 5, "rounds": 25,
                        "seeds": 10, "ablation_seeds": 5, "test_per_client": 100},
+    # issue 12: many clients, many rounds, the regime where FedAvg shows inertia
+    "shapes-resnet8-many": {"task": "shapes", "model": "resnet8", "clients": 20,
+                            "rounds": 100, "seeds": 10, "ablation_seeds": 5,
+                            "test_per_client": 100, "resolution": 16,
+                            "widths": [8, 16, 32],
+                            "arms": ["FedAvg", "LIPS", "LIPS server"],
+                            "ablations": ["LIPS random", "LIPS d0=0.3"]},
 }
 QUICK = {
     "digits-vgg": {"task": "digits", "model": "vgg", "clients": 6, "rounds": 10,
                    "seeds": 2, "ablation_seeds": 0, "test_per_client": 60},
     "shapes-resnet8": {"task": "shapes", "model": "resnet8", "clients": 4, "rounds": 10,
                        "seeds": 2, "ablation_seeds": 0, "test_per_client": 60},
+    "shapes-resnet8-many": {"task": "shapes", "model": "resnet8", "clients": 10,
+                            "rounds": 20, "seeds": 2, "ablation_seeds": 1,
+                            "test_per_client": 60, "resolution": 16,
+                            "widths": [8, 16, 32],
+                            "arms": ["FedAvg", "LIPS", "LIPS server"],
+                            "ablations": ["LIPS random", "LIPS d0=0.3"]},
 }
 COMMON = {"alpha": 0.1, "samples_per_client": 100, "epochs": 5, "batch_size": 100,
           "lr": 0.1, "momentum": 0.9, "period": 5, "data_seed": 0}
@@ -91,6 +113,12 @@ def load_task(setup: dict, seed: int):
         train_pool, test_pool = np.arange(train_n), np.arange(train_n, len(y))
     else:
         raise ValueError(f"unknown task {setup['task']!r}; accepted: digits, shapes")
+    resolution = setup.get("resolution")
+    if resolution is not None and resolution != x.shape[-1]:
+        # the generator draws 32x32; smaller images make a run proportionally cheaper
+        x = torch.nn.functional.interpolate(x, size=(resolution, resolution),
+                                            mode="bilinear", antialias=True,
+                                            align_corners=False)
     parts = dirichlet_split(y[train_pool], setup["clients"], setup["alpha"], seed=seed,
                             min_samples=10)
     train = [train_pool[p] for p in parts]
@@ -107,7 +135,8 @@ def model_factory(setup: dict):
             (32, "M", 64, "M", 128, 128, "M")
         return lambda: vgg_bn(channels, 10, layout)
     if setup["model"] == "resnet8":
-        return lambda: ResNet8(channels, 10, (8, 16, 32))
+        widths = tuple(setup.get("widths", (8, 16, 32)))
+        return lambda: ResNet8(channels, 10, widths)
     raise ValueError(f"unknown model {setup['model']!r}; accepted: vgg, resnet8")
 
 
@@ -116,28 +145,34 @@ def run_one(setup: dict, arm: str, seed: int, progress: Optional[tqdm] = None,
     """One simulation; returns its curves and summary metrics."""
     x, y, train, tests = load_task(setup, seed)
     factory = model_factory(setup)
-    lips = None
+    lips, side = None, "client"
     if ARMS[arm] is not None:
+        options = dict(ARMS[arm])
+        side = options.pop("side", "client")
         lips = LIPSConfig(total_rounds=setup["rounds"], period=setup["period"], seed=seed,
-                          **ARMS[arm])
-    callbacks = []
-    tracker = None
-    if tracker_out is not None:
-        torch.manual_seed(seed)  # the same initial weights as simulate() builds
-        tracker = InertiaTracker(factory(), all_layers=True)
-        callbacks.append(lambda rnd, model, history: tracker.update(model))
+                          **options)
+    torch.manual_seed(seed)  # the same initial weights as simulate() builds
+    tracker = InertiaTracker(factory(), all_layers=True)
+    callbacks = [lambda rnd, model, history: tracker.update(model)]
+    if progress is None and os.environ.get("LIPS_BENCH_LOG"):
+        def log(rnd, model, history):
+            if (rnd + 1) % 20 == 0:
+                print(f"  {setup['name']} {arm} seed {seed}: round {rnd + 1}, before "
+                      f"{history[-1].before:.3f}, {time.process_time() - start:.0f} cpu s",
+                      flush=True)
+        callbacks.append(log)
     if progress is not None:
         def tick(rnd, model, history):
             progress.update(1)
             progress.set_postfix(arm=arm, seed=seed, before=f"{history[-1].before:.3f}")
         callbacks.append(tick)
     start = time.process_time()
-    history = simulate(
+    history = (simulate_server if side == "server" else simulate)(
         factory, x, y, train, tests, setup["rounds"], setup["epochs"], setup["batch_size"],
         lambda params: torch.optim.SGD(params, lr=setup["lr"], momentum=setup["momentum"]),
         lips, seed=seed, callbacks=callbacks,
     )
-    if tracker is not None:
+    if tracker_out is not None:
         tracker.to_json(tracker_out.with_suffix(".json"))
         tracker.plot(tracker_out.with_suffix(".png"),
                          title=f"{setup['name']}: {arm} (seed {seed}), global model")
@@ -152,6 +187,10 @@ def run_one(setup: dict, arm: str, seed: int, progress: Optional[tqdm] = None,
         "after_last": float(np.mean(after[-LAST:])),
         "after_final": after[-1],
         "cpu_seconds": round(time.process_time() - start, 1),
+        "inertia": group_means(tracker.relative_update),
+        "inertia_layers": tracker.layers,
+        "relative_update": [[float(f"{v:.5g}") for v in row]
+                            for row in tracker.relative_update],
     }
 
 
@@ -162,44 +201,79 @@ def t_quantile(df: int) -> float:
     return float(t.ppf(0.975, df))
 
 
+def paired(runs: List[dict], reference: List[dict], metric: str) -> Optional[dict]:
+    """Mean paired difference ``runs - reference`` over the seeds both hold, with a
+    95% t-interval (NaN bounds for a single pair)."""
+    base = {r["seed"]: r[metric] for r in reference}
+    diff = np.array([r[metric] - base[r["seed"]] for r in runs if r["seed"] in base])
+    if diff.size == 0:
+        return None
+    half = (t_quantile(diff.size - 1) * diff.std(ddof=1) / math.sqrt(diff.size)
+            if diff.size > 1 else math.nan)
+    return {"mean": float(diff.mean()),
+            "ci95": [float(diff.mean() - half), float(diff.mean() + half)],
+            "n_pairs": int(diff.size)}
+
+
 def summarise(runs: Dict[str, List[dict]]) -> dict:
-    """Mean/std per arm and the paired difference to FedAvg (same seeds) with a 95% CI."""
+    """Per arm: mean/std of each metric, the paired difference to FedAvg (same seeds)
+    with a 95% CI, the paired contrasts of CONTRASTS, and the inertia ratio."""
     summary = {}
-    base = {r["seed"]: r for r in runs.get("FedAvg", [])}
     for arm, arm_runs in runs.items():
         entry = {"n": len(arm_runs)}
         for metric in ("after_last", "before_last", "after_final"):
             values = np.array([r[metric] for r in arm_runs])
             entry[metric] = {"mean": float(values.mean()),
                              "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0}
-            pairs = [r[metric] - base[r["seed"]][metric] for r in arm_runs if r["seed"] in base]
-            if arm != "FedAvg" and pairs:
-                diff = np.array(pairs)
-                half = (t_quantile(len(diff) - 1) * diff.std(ddof=1) / math.sqrt(len(diff))
-                        if len(diff) > 1 else math.nan)
-                entry[metric]["diff_vs_fedavg"] = {
-                    "mean": float(diff.mean()), "ci95": [float(diff.mean() - half),
-                                                         float(diff.mean() + half)],
-                    "n_pairs": len(diff)}
+            if arm != "FedAvg" and "FedAvg" in runs:
+                diff = paired(arm_runs, runs["FedAvg"], metric)
+                if diff is not None:
+                    entry[metric]["diff_vs_fedavg"] = diff
+            for contrast, reference in CONTRASTS:
+                if arm == contrast and reference in runs:
+                    diff = paired(arm_runs, runs[reference], metric)
+                    if diff is not None:
+                        entry[metric][f"diff_vs_{reference}"] = diff
+        ratios = np.array([r["inertia"]["ratio"] for r in arm_runs if "inertia" in r])
+        if ratios.size:
+            entry["inertia_ratio"] = {"mean": float(ratios.mean()),
+                                      "std": float(ratios.std(ddof=1)) if ratios.size > 1
+                                      else 0.0,
+                                      "min": float(ratios.min()), "max": float(ratios.max()),
+                                      "n": int(ratios.size)}
+            for group in ("first", "middle", "last"):
+                entry[f"inertia_{group}"] = float(np.mean(
+                    [r["inertia"][group] for r in arm_runs if "inertia" in r]))
         summary[arm] = entry
     return summary
 
 
+def _diff_cell(d: Optional[dict]) -> str:
+    return f"{d['mean']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]" if d else ""
+
+
 def table(name: str, summary: dict) -> str:
     lines = [f"\n{name}  (personalized accuracy, mean over the last {LAST} rounds; "
-             "diff = paired vs FedAvg, 95% CI)",
+             "diff = paired vs FedAvg, 95% CI; inertia ratio under the arm, mean [min, max])",
              f"{'arm':<15} {'n':>2}  {'after aggregation':>18}  {'diff [95% CI]':>26}  "
-             f"{'before aggregation':>18}  {'diff [95% CI]':>26}"]
+             f"{'before aggregation':>18}  {'diff [95% CI]':>26}  {'inertia ratio':>22}"]
     for arm, entry in summary.items():
         cells = []
         for metric in ("after_last", "before_last"):
             m = entry[metric]
             cells.append(f"{m['mean']:>10.3f} ± {m['std']:.3f}")
-            d = m.get("diff_vs_fedavg")
-            cells.append(f"{d['mean']:>+8.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]"
-                         if d else f"{'':>26}")
+            cells.append(_diff_cell(m.get("diff_vs_fedavg")))
+        ratio = entry.get("inertia_ratio")
+        cells.append(f"{ratio['mean']:.3f} [{ratio['min']:.3f}, {ratio['max']:.3f}]"
+                     if ratio else "")
         lines.append(f"{arm:<15} {entry['n']:>2}  {cells[0]:>18}  {cells[1]:>26}  "
-                     f"{cells[2]:>18}  {cells[3]:>26}")
+                     f"{cells[2]:>18}  {cells[3]:>26}  {cells[4]:>22}")
+    for contrast, reference in CONTRASTS:
+        if contrast in summary and f"diff_vs_{reference}" in summary[contrast]["after_last"]:
+            a = summary[contrast]["after_last"][f"diff_vs_{reference}"]
+            b = summary[contrast]["before_last"][f"diff_vs_{reference}"]
+            lines.append(f"  {contrast} - {reference} (paired, n={a['n_pairs']}): after "
+                         f"{_diff_cell(a)}, before {_diff_cell(b)}")
     return "\n".join(lines)
 
 
@@ -216,10 +290,10 @@ def plot_curves(name: str, runs: Dict[str, List[dict]], path: Path) -> None:
             curves = np.array([r[key] for r in arm_runs])
             mean = curves.mean(axis=0)
             rounds = np.arange(1, len(mean) + 1)
-            line, = ax.plot(rounds, mean, label=f"{arm} (n={len(arm_runs)})")
+            line, = ax.plot(rounds, mean, label=f"{arm} (n={len(arm_runs)})", lw=1.2)
             if len(arm_runs) > 1:
                 ax.fill_between(rounds, curves.min(axis=0), curves.max(axis=0),
-                                color=line.get_color(), alpha=0.12)
+                                color=line.get_color(), alpha=0.08)
         ax.set_title(f"{name}: {title}", fontsize=10)
         ax.set_xlabel("round")
         ax.grid(alpha=0.3)
@@ -230,67 +304,140 @@ def plot_curves(name: str, runs: Dict[str, List[dict]], path: Path) -> None:
     plt.close(fig)
 
 
+def arms_of(setup: dict) -> tuple:
+    """(main arms, ablation arms) of a setup."""
+    return (tuple(setup.get("arms", MAIN_ARMS)),
+            tuple(setup.get("ablations", OLD_ABLATIONS)))
+
+
 def plan_runs(setups: Dict[str, dict]) -> List[tuple]:
-    """Main arms for every seed first, then the ablations."""
+    """Seed by seed, every arm that seed is planned for (main arms, then ablations), so
+    that a run stopped early still holds paired seeds of every arm."""
     runs = []
     for name, setup in setups.items():
-        for seed in range(setup["seeds"]):
-            runs += [(name, arm, seed) for arm in MAIN_ARMS]
-    for name, setup in setups.items():
-        for seed in range(setup["ablation_seeds"]):
-            runs += [(name, arm, seed) for arm in ARMS if arm not in MAIN_ARMS]
+        main, ablations = arms_of(setup)
+        for seed in range(max(setup["seeds"], setup["ablation_seeds"])):
+            runs += [(name, arm, seed) for arm in main if seed < setup["seeds"]]
+            runs += [(name, arm, seed) for arm in ablations if seed < setup["ablation_seeds"]]
     return runs
 
 
 SEED_COUNTS = ("seeds", "ablation_seeds")
 
 
+def same_setup(a: dict, b: dict) -> bool:
+    return {k: v for k, v in a.items() if k not in SEED_COUNTS} == \
+        {k: v for k, v in b.items() if k not in SEED_COUNTS}
+
+
+def run_file(out: Path, name: str, arm: str, seed: int) -> Path:
+    """Where one finished run is kept (one file per run: parallel workers never share)."""
+    slug = arm.replace(" ", "_").replace("=", "")
+    return out / "runs" / name / f"{slug}_seed{seed}.json"
+
+
 def load_finished(setups: Dict[str, dict], out: Path) -> Dict[str, dict]:
     """Results already in ``out`` whose setup matches (all but the seed counts): a
-    resumed run keeps them, since a run is determined by its setup and seed."""
+    resumed run keeps them, since a run is determined by its setup and seed. Reads the
+    merged ``<setup>.json`` and the per-run files under ``runs/<setup>/``."""
     results = {name: {"config": setup, "runs": {}} for name, setup in setups.items()}
     for name, setup in setups.items():
         path = out / f"{name}.json"
-        if not path.exists():
-            continue
-        stored = json.loads(path.read_text())
-        same = {k: v for k, v in stored["config"].items() if k not in SEED_COUNTS} == \
-            {k: v for k, v in setup.items() if k not in SEED_COUNTS}
-        if not same:
-            raise SystemExit(f"{path} was made with another setup; move it away or "
-                             "run without --resume")
-        results[name]["runs"] = stored["runs"]
+        if path.exists():
+            stored = json.loads(path.read_text())
+            if not same_setup(stored["config"], setup):
+                raise SystemExit(f"{path} was made with another setup; move it away or "
+                                 "run without --resume")
+            results[name]["runs"] = stored["runs"]
+        for run_path in sorted((out / "runs" / name).glob("*.json")):
+            stored = json.loads(run_path.read_text())
+            if not same_setup(stored["config"], setup):
+                raise SystemExit(f"{run_path} was made with another setup; move it away "
+                                 "or run without --resume")
+            arm_runs = results[name]["runs"].setdefault(stored["arm"], [])
+            if all(r["seed"] != stored["run"]["seed"] for r in arm_runs):
+                arm_runs.append(stored["run"])
     return results
 
 
-def run_all(setups: Dict[str, dict], out: Path, resume: bool = False) -> None:
+def _job(job: tuple) -> tuple:
+    """Run one (setup, arm, seed) in a worker process and keep it in its own file."""
+    name, setup, arm, seed, out, threads = job
+    torch.set_num_threads(threads)
+    out = Path(out)
+    tracker = (out / f"{name}_{arm.replace(' ', '_')}_inertia"
+               if seed == 0 and arm in arms_of(setup)[0] else None)
+    run = run_one(setup, arm, seed, None, tracker)
+    path = run_file(out, name, arm, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".part")
+    partial.write_text(json.dumps({"config": setup, "arm": arm, "run": run}))
+    partial.replace(path)
+    return name, arm, seed, run
+
+
+def write_merged(out: Path, name: str, result: dict) -> None:
+    """``<setup>.json``: the configuration, every run (arms in plan order, seeds in
+    order) and the summary; written by the main process only."""
+    main, ablations = arms_of(result["config"])
+    order = [a for a in main + ablations if a in result["runs"]] + \
+        [a for a in result["runs"] if a not in main + ablations]
+    result["runs"] = {a: sorted(result["runs"][a], key=lambda r: r["seed"]) for a in order}
+    result["summary"] = summarise(result["runs"])
+    partial = out / f"{name}.json.part"
+    partial.write_text(json.dumps(result, indent=1))
+    partial.replace(out / f"{name}.json")
+
+
+def run_all(setups: Dict[str, dict], out: Path, resume: bool = False, workers: int = 1,
+            threads: int = 1) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    results = (load_finished(setups, out) if resume
-               else {name: {"config": setup, "runs": {}} for name, setup in setups.items()})
+    if resume:
+        results = load_finished(setups, out)
+    else:
+        results = {name: {"config": setup, "runs": {}} for name, setup in setups.items()}
+        for name in setups:
+            for stale in (out / "runs" / name).glob("*.json"):
+                stale.unlink()
     done = {(name, arm, run["seed"]) for name, result in results.items()
             for arm, runs in result["runs"].items() for run in runs}
     plan = [job for job in plan_runs(setups) if job not in done]
-    total_rounds = sum(setups[name]["rounds"] for name, _, _ in plan)
-    with tqdm(total=total_rounds, desc="rounds", unit="round") as progress:
-        for name, arm, seed in plan:
-            setup = setups[name]
-            tracker = (out / f"{name}_{arm}_inertia" if seed == 0 and arm in MAIN_ARMS
-                       else None)
-            run = run_one(setup, arm, seed, progress, tracker)
-            results[name]["runs"].setdefault(arm, []).append(run)
-            results[name]["config"] = setup
-            results[name]["summary"] = summarise(results[name]["runs"])
-            (out / f"{name}.json").write_text(json.dumps(results[name], indent=1))
+    print(f"{len(plan)} runs to do, {len(done)} already done; {workers} worker(s)", flush=True)
+    jobs = [(name, setups[name], arm, seed, str(out), threads) for name, arm, seed in plan]
+
+    def finished(name: str, arm: str, run: dict) -> None:
+        results[name]["runs"].setdefault(arm, []).append(run)
+        results[name]["config"] = setups[name]
+        write_merged(out, name, results[name])
+
+    if workers <= 1:
+        for job in tqdm(jobs, desc="runs", unit="run"):
+            name, arm, _, run = _job(job)
+            finished(name, arm, run)
+    else:
+        import multiprocessing
+
+        context = multiprocessing.get_context("spawn")
+        with context.Pool(workers) as pool:
+            for name, arm, seed, run in tqdm(pool.imap_unordered(_job, jobs), total=len(jobs),
+                                             desc="runs", unit="run"):
+                print(f"done {name} {arm} seed {seed}: after {run['after_last']:.3f} "
+                      f"before {run['before_last']:.3f} ratio {run['inertia']['ratio']:.3f} "
+                      f"({run['cpu_seconds']:.0f} s)", flush=True)
+                finished(name, arm, run)
+    for name in setups:
+        write_merged(out, name, results[name])
     replot(out)
     print(f"\nresults in {out}")
 
 
 def inertia_summary(out: Path, name: str, last: int = 10) -> Dict[str, Dict[str, float]]:
     """Mean relative update over the last ``last`` rounds of the first layer, the
-    middle layers and the last layer of the global model, per tracked arm."""
+    middle layers and the last layer of the global model, per arm with a seed-0
+    tracker file."""
     summary = {}
-    for arm in MAIN_ARMS:
-        path = out / f"{name}_{arm}_inertia.json"
+    for arm in ("FedAvg", "LIPS", "LIPS server"):
+        path = out / f"{name}_{arm.replace(' ', '_')}_inertia.json"
         if path.exists():
             updates = InertiaTracker.from_json(path).relative_update[:, -last:]
             summary[arm] = {"first": float(updates[0].mean()),
@@ -299,20 +446,28 @@ def inertia_summary(out: Path, name: str, last: int = 10) -> Dict[str, Dict[str,
     return summary
 
 
-def plot_inertia_comparison(out: Path, name: str) -> None:
-    """One panel: mean relative update of the middle layers, FedAvg vs LIPS, with the
-    first and last layers dotted."""
+def plot_inertia_comparison(out: Path, name: str, runs: Dict[str, List[dict]]) -> None:
+    """Mean relative update of the middle layers per arm (mean over seeds when the runs
+    hold their curves, else the seed-0 tracker), with the first and last layers dotted
+    and dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 3.6))
-    for arm in MAIN_ARMS:
-        path = out / f"{name}_{arm}_inertia.json"
-        if not path.exists():
-            continue
-        updates = InertiaTracker.from_json(path).relative_update
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    seeds_note = "seed 0"
+    for arm in ("FedAvg", "LIPS", "LIPS server"):
+        curves = [np.array(r["relative_update"]) for r in runs.get(arm, [])
+                  if "relative_update" in r]
+        if curves:
+            updates = np.mean(curves, axis=0)
+            seeds_note = "mean over seeds"
+        else:
+            path = out / f"{name}_{arm.replace(' ', '_')}_inertia.json"
+            if not path.exists():
+                continue
+            updates = InertiaTracker.from_json(path).relative_update
         rounds = np.arange(updates.shape[1])
         line, = ax.plot(rounds, updates[1:-1].mean(axis=0), label=f"{arm}: middle layers")
         ax.plot(rounds, updates[0], ":", color=line.get_color(), alpha=0.7,
@@ -322,11 +477,44 @@ def plot_inertia_comparison(out: Path, name: str) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("round")
     ax.set_ylabel("||W_t - W_t-1|| / ||W_t-1||")
-    ax.set_title(f"{name}: global model, seed 0", fontsize=10)
+    ax.set_title(f"{name}: global model, {seeds_note}", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(out / f"{name}_inertia_compare.png", dpi=110)
+    plt.close(fig)
+
+
+def plot_ratio_vs_gain(out: Path, name: str, runs: Dict[str, List[dict]]) -> None:
+    """Per seed: FedAvg's inertia ratio against each LIPS arm's paired gain (after and
+    before aggregation)."""
+    base = {r["seed"]: r for r in runs.get("FedAvg", []) if "inertia" in r}
+    arms = [a for a in runs if a != "FedAvg"]
+    if not base or not arms:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharex=True)
+    for ax, metric, title in zip(axes, ("after_last", "before_last"),
+                                 ("after aggregation", "before aggregation")):
+        for arm in arms:
+            pairs = [(base[r["seed"]]["inertia"]["ratio"],
+                      r[metric] - base[r["seed"]][metric])
+                     for r in runs[arm] if r["seed"] in base]
+            if pairs:
+                xs, ys = zip(*pairs)
+                ax.scatter(xs, ys, s=18, label=arm)
+        ax.axhline(0, color="k", lw=0.8)
+        ax.set_xlabel("FedAvg inertia ratio (same seed)")
+        ax.set_title(f"{name}: gain vs FedAvg, {title}", fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("paired accuracy difference")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / f"{name}_ratio_vs_gain.png", dpi=110)
     plt.close(fig)
 
 
@@ -338,17 +526,18 @@ def replot(out: Path) -> None:
         result = json.loads(path.read_text())
         name = result["config"]["name"]
         plot_curves(name, result["runs"], out / f"{name}_accuracy.png")
-        for arm in MAIN_ARMS:
-            inertia = out / f"{name}_{arm}_inertia.json"
+        for arm in ("FedAvg", "LIPS", "LIPS server"):
+            inertia = out / f"{name}_{arm.replace(' ', '_')}_inertia.json"
             if inertia.exists():
                 InertiaTracker.from_json(inertia).plot(
                     inertia.with_suffix(".png"),
                     title=f"{name}: {arm} (seed 0), global model")
-        plot_inertia_comparison(out, name)
+        plot_inertia_comparison(out, name, result["runs"])
+        plot_ratio_vs_gain(out, name, result["runs"])
         print(table(name, summarise(result["runs"])))
         for arm, groups in inertia_summary(out, name).items():
-            print(f"  inertia, {arm:<7} mean relative update over the last 10 rounds: "
-                  + ", ".join(f"{k} {v:.4f}" for k, v in groups.items()))
+            print(f"  inertia, {arm:<11} seed 0, mean relative update over the last 10 "
+                  "rounds: " + ", ".join(f"{k} {v:.4f}" for k, v in groups.items()))
 
 
 def verify(path: Path, arm: str, seed: int) -> int:
@@ -382,6 +571,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--replot", action="store_true",
                         help="only redraw figures and tables from the JSON files in --out")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: exact reruns)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="runs in parallel, each in its own process (default 1)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.verify:
@@ -395,7 +586,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     out = args.out or (RESULTS / "quick" if args.quick else RESULTS)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}")
-    run_all(setups, out, resume=args.resume)
+    run_all(setups, out, resume=args.resume, workers=args.workers, threads=args.threads)
     return 0
 
 
