@@ -5,11 +5,14 @@ import warnings
 
 import pytest
 import torch
-from conftest import MIDDLE, SmallCNN, train_steps
+from conftest import MIDDLE, SmallCNN
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from lips_wrap import LIPS, LIPSConfig, find_layers, mask_global_state
-from lips_wrap.masking import keep_count
+from lips_wrap.masking import keep_count, keep_mask
+from lips_wrap.selection import apply_selection_, select_top_k
 
 
 def channels_last_net():
@@ -356,3 +359,91 @@ def test_sharded_parameters_are_refused(tmp_path):
                  LIPSConfig(total_rounds=10))
     finally:
         dist.destroy_process_group()
+
+
+# -- property tests: every layout, every optimizer implementation -----------------------
+LAYOUTS = ("contiguous", "channels_last", "channels_last_3d", "transposed", "strided")
+
+
+def _laid_out(values, layout):
+    """``values`` (5-D) with the same logical entries in another memory layout."""
+    if layout == "channels_last_3d":
+        return values.contiguous(memory_format=torch.channels_last_3d)
+    if layout == "channels_last":  # channels last, as torch.channels_last lays out 4-D
+        return values.permute(0, 2, 3, 4, 1).contiguous().permute(0, 4, 1, 2, 3)
+    if layout == "transposed":
+        return values.transpose(0, 4).contiguous().transpose(0, 4)
+    if layout == "strided":
+        wide = torch.zeros(*values.shape[:-1], values.shape[-1] * 2, dtype=values.dtype)
+        wide[..., ::2] = values
+        return wide[..., ::2]
+    return values.clone()
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    shape=st.tuples(*[st.integers(1, 4)] * 5),
+    layouts=st.lists(st.sampled_from(LAYOUTS), min_size=1, max_size=4),
+    density=st.floats(0.05, 1.0),
+    seed=st.integers(0, 2**16),
+    specials=st.booleans(),
+)
+def test_every_layout_masks_the_same_entries(shape, layouts, density, seed, specials):
+    generator = torch.Generator().manual_seed(seed)
+    score = torch.randn(*shape, generator=generator)
+    k = keep_count(score.numel(), density)
+    keep = keep_mask(score, k)
+    originals = []
+    for _ in layouts:
+        values = torch.randn(*shape, generator=generator)
+        if specials:
+            values.view(-1)[::3] = float("inf")
+            values.view(-1)[1::3] = float("nan")
+        originals.append(values)
+    targets = [_laid_out(v, layout) for v, layout in zip(originals, layouts)]
+    apply_selection_(targets, score, select_top_k(score, k), chunk=7)
+    for target, values, layout in zip(targets, originals, layouts):
+        dropped = target[~keep]
+        assert torch.equal(dropped, torch.zeros_like(dropped)), layout
+        assert not torch.signbit(dropped).any(), layout
+        assert torch.equal(target[keep].nan_to_num(), values[keep].nan_to_num()), layout
+
+
+OPTIMIZER_CLASSES = {
+    "SGD": lambda p, **kw: torch.optim.SGD(p, lr=0.05, momentum=0.9, **kw),
+    "Adam": lambda p, **kw: torch.optim.Adam(p, lr=1e-2, amsgrad=True, **kw),
+    "AdamW": lambda p, **kw: torch.optim.AdamW(p, lr=1e-2, **kw),
+    "Adagrad": lambda p, **kw: torch.optim.Adagrad(p, lr=1e-2, **kw),
+}
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    cls=st.sampled_from(sorted(OPTIMIZER_CLASSES)),
+    impl=st.sampled_from(["fused", "foreach", "forloop"]),
+    channels_last=st.booleans(),
+    density=st.floats(0.1, 0.9),
+)
+def test_every_optimizer_implementation_masks_its_state(cls, impl, channels_last, density):
+    model = channels_last_net()
+    memory_format = torch.channels_last if channels_last else None
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    kwargs = {"fused": True} if impl == "fused" else {"foreach": impl == "foreach"}
+    inner = OPTIMIZER_CLASSES[cls](model.parameters(), **kwargs)
+    lips = LIPS(model, inner, LIPSConfig(total_rounds=10, start_density=density))
+    steps(model, lips.optimizer, n=2, memory_format=memory_format)
+    before = {
+        (name, key): value.clone()
+        for name in lips.plan.eligible_names
+        for key, value in inner.state[model.get_parameter(name)].items()
+        if isinstance(value, torch.Tensor) and value.dim() > 0
+    }
+    lips.on_global_model(1)
+    for (name, key), value in before.items():
+        weight = model.get_parameter(name)
+        kept = weight != 0
+        assert int(kept.sum()) == keep_count(weight.numel(), density), name
+        state = inner.state[weight][key]
+        assert not bool(state[~kept].any()), (name, key)
+        assert torch.equal(state[kept], value[kept]), (name, key)
