@@ -12,9 +12,13 @@ Two ways in, one per side of the federation:
   global arrays, scored from the aggregated update ``|dW * W|``.
 
 Rounds: Flower's ``server-round`` is 1-based, the core's rounds are 0-based and count
-the round a client is about to start, so server round ``s`` is core round ``s - 1``.
+the round a client is about to start, so server round ``s`` is LIPS round ``s - 1``.
 With ``period=5`` the masked models are those sent in server rounds 2, 7, 12, ...
-Set ``LIPSConfig(total_rounds=...)`` to the run's number of server rounds.
+Set ``LIPSConfig(total_rounds=...)`` to the run's number of server rounds. Log lines
+name both: ``Flower server round 2 (LIPS round 1): masked ...``.
+
+Seeing LIPS's log lines: they go to the ``lips_wrap`` logger, which has no handler of
+its own; :func:`show_lips_logs` sends them to Flower's console handler.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import torch
 from torch import nn
 
 from lips_wrap import LIPS, LayerPlan, LIPSConfig, MaskReport, find_layers, mask_global_state
+from lips_wrap.layers import strip_wrapper_prefixes
 
 try:
     from flwr.app import (
@@ -90,6 +95,108 @@ def _core_round(flower_round: int, config: LIPSConfig) -> int:
     return flower_round - 1
 
 
+def _round_label(server_round: int) -> str:
+    """How log lines name a round: both numberings, so neither can be misread."""
+    return f"Flower server round {server_round} (LIPS round {server_round - 1})"
+
+
+def _report_text(report: MaskReport) -> str:
+    """The report without its leading ``round N:`` (the 0-based LIPS round), which
+    :func:`_round_label` already gives."""
+    text = str(report)
+    head = f"round {report.round}: "
+    return text[len(head):] if text.startswith(head) else text
+
+
+def show_lips_logs(level: int = logging.INFO) -> None:
+    """Show LIPS's log lines (what each round masked, fallbacks) where Flower shows its
+    own: ``lips_wrap``'s logger gets Flower's console handler and ``level``.
+
+    Call it once in the module of your ClientApp and/or ServerApp (both run in their own
+    processes). Without it, Python shows only warnings of ``lips_wrap``: nothing at
+    INFO. Calling it again changes nothing. A handler you add to the root logger
+    (``logging.basicConfig``) also prints Flower's lines a second time; prefer this.
+    """
+    from flwr.common.logger import console_handler
+
+    lips_logger = logging.getLogger("lips_wrap")
+    lips_logger.setLevel(level)
+    if console_handler not in lips_logger.handlers:
+        lips_logger.addHandler(console_handler)
+
+
+def _global_arrays(msg: Message, arrays_key: Optional[str]) -> Tuple[str, ArrayRecord]:
+    """(name, record) of the message's ArrayRecord holding the global model."""
+    records = msg.content.array_records
+    if arrays_key is not None:
+        if arrays_key not in records:
+            raise ValueError(
+                f"the message has no ArrayRecord {arrays_key!r} (it has: "
+                f"{', '.join(map(repr, records)) or 'none'}); pass arrays_key= naming the "
+                "record that holds the global model"
+            )
+        return arrays_key, records[arrays_key]
+    if len(records) != 1:
+        raise ValueError(
+            f"the message carries {len(records)} ArrayRecords "
+            f"({', '.join(map(repr, records)) or 'none'}); lips_train checks that the model "
+            "holds the received global model: pass arrays_key= naming its record"
+        )
+    name = next(iter(records))
+    return name, records[name]
+
+
+def _check_loaded(lips: LIPS, msg: Message, arrays_key: Optional[str]) -> None:
+    """Raise unless every tensor LIPS masks equals (exactly, in the model's dtype) its
+    array in the message: masking before the arrays are loaded masks weights that
+    the load then overwrites, and the report describes a mask the model never had.
+
+    Array names are matched with and without wrapper prefixes (``module.``,
+    ``_orig_mod.``), so a compiled or DDP model can load a plain model's arrays.
+    """
+    record_name, record = _global_arrays(msg, arrays_key)
+    keys: Dict[str, str] = {}
+    for key in record.keys():
+        keys.setdefault(key, key)
+    for key in record.keys():
+        keys.setdefault(strip_wrapper_prefixes(key), key)
+    plan, compared, differ = lips.plan, 0, []
+    for decision in plan.eligible:
+        forms = [
+            form for name in (decision.name,) + decision.aliases
+            for form in (name, plan.unwrapped_name(name), strip_wrapper_prefixes(name))
+        ]
+        key = next((keys[form] for form in forms if form in keys), None)
+        if key is None:
+            continue
+        compared += 1
+        param = lips.model.get_parameter(decision.name).detach()
+        received = torch.from_numpy(record[key].numpy())
+        if tuple(received.shape) != tuple(param.shape) or not torch.equal(
+            received.to(device=param.device, dtype=param.dtype), param
+        ):
+            differ.append(decision.name)
+    if compared == 0:
+        raise ValueError(
+            f"none of the {len(plan.eligible)} tensors LIPS masks (e.g. "
+            f"{plan.eligible_names[0]}) is in the message's ArrayRecord {record_name!r} "
+            f"(it holds e.g. {', '.join(list(record.keys())[:3])}), so lips_train cannot "
+            "check that the model holds the received weights. Pass arrays_key= naming the "
+            "record with the global model, or check_loaded=False if its names differ "
+            "from the model's on purpose and you load it yourself"
+        )
+    if differ:
+        raise ValueError(
+            f"the model does not hold the arrays this message carries: {len(differ)} of "
+            f"the {compared} tensors LIPS masks differ from ArrayRecord {record_name!r} "
+            f"(e.g. {', '.join(differ[:3])}). LIPS masks the weights the model holds when "
+            "lips_train is entered, so load the received arrays first: "
+            f"model.load_state_dict(msg.content[{record_name!r}].to_torch_state_dict()), "
+            "then enter lips_train. If the model trains from other weights on purpose, "
+            "pass check_loaded=False"
+        )
+
+
 def _save_state(lips: LIPS, state: RecordDict, key: str) -> None:
     saved = lips.state_dict()
     # numpy has no bfloat16: keep such gradients as float32 (restored to grad_dtype).
@@ -123,15 +230,27 @@ def lips_train(
     config: LIPSConfig,
     *,
     state_key: str = STATE_KEY,
+    arrays_key: Optional[str] = None,
+    check_loaded: bool = True,
 ) -> Iterator[LIPS]:
     """Client-side LIPS around a ClientApp's local training.
 
-    Call it after loading the received global arrays into ``model``. On entry it
-    restores this node's LIPS state from ``context.state``, then masks ``model`` if the
-    round (``server-round`` - 1) is a mask round; train inside the block with
-    ``lips.optimizer``. On a clean exit the state (last-step gradients, last round) is
-    written back to ``context.state``; if the block raises, the state stays as it was.
-    ``lips.last_report`` tells what was masked.
+    Call it after loading the received global arrays into ``model``: on entry it
+    checks that the tensors it masks equal the message's arrays and raises if not
+    (the arrays were not loaded yet). It then restores this node's LIPS state from
+    ``context.state`` and masks ``model`` if the round (``server-round`` - 1) is a mask
+    round; train inside the block with ``lips.optimizer``. On a clean exit the state
+    (last-step gradients, last round) is written back to ``context.state``; if the block
+    raises, the state stays as it was. ``lips.last_report`` tells what was masked;
+    :func:`report_metrics` turns it into reply metrics.
+
+    Args:
+        state_key: prefix of the records kept in ``context.state``.
+        arrays_key: the message's ArrayRecord holding the global model; by default the
+            message's only ArrayRecord.
+        check_loaded: compare the model with the received arrays (one exact comparison
+            of the masked tensors per round). Turn off only if the model trains from
+            other weights than the received ones on purpose.
 
     Example::
 
@@ -142,24 +261,33 @@ def lips_train(
         raise TypeError(f"msg must be a flwr Message, got {type(msg).__name__}")
     if not isinstance(context, Context):
         raise TypeError(f"context must be a flwr Context, got {type(context).__name__}")
-    round_index = _core_round(_server_round(msg), config)
+    server_round = _server_round(msg)
+    round_index = _core_round(server_round, config)
     lips = LIPS(model, optimizer, config)
+    if check_loaded:
+        _check_loaded(lips, msg, arrays_key)
     _load_state(lips, context.state, state_key)
     report = lips.on_global_model(round_index)
     if report.masked:
-        logger.info("node %s: %s", context.node_id, report)
+        logger.info(
+            "node %s, %s: %s", context.node_id, _round_label(server_round), _report_text(report)
+        )
     yield lips
     _save_state(lips, context.state, state_key)
 
 
 def report_metrics(report: Optional[MaskReport]) -> MetricRecord:
-    """A MaskReport as reply metrics: ``lips-density`` (0 when not masked) and
-    ``lips-zeroed`` (entries set to zero)."""
+    """A MaskReport as reply metrics: ``lips-density`` (0 when not masked),
+    ``lips-zeroed`` (entries set to zero) and ``lips-fallback`` (tensors scored by
+    magnitude because this node had no stored gradient for them: it had not trained
+    through ``lips.optimizer`` before this mask round)."""
     if report is None or not report.masked:
-        return MetricRecord({"lips-density": 0.0, "lips-zeroed": 0})
-    return MetricRecord(
-        {"lips-density": float(report.density), "lips-zeroed": report.elements_zeroed}
-    )
+        return MetricRecord({"lips-density": 0.0, "lips-zeroed": 0, "lips-fallback": 0})
+    return MetricRecord({
+        "lips-density": float(report.density),
+        "lips-zeroed": report.elements_zeroed,
+        "lips-fallback": len(report.fallback),
+    })
 
 
 class LIPSStrategy(Strategy):
@@ -224,6 +352,15 @@ class LIPSStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """The inner strategy's messages; on mask rounds each carries masked arrays."""
+        missing = [name for name in self.plan.eligible_names if name not in arrays]
+        if missing:
+            raise ValueError(
+                f"the global arrays lack {len(missing)} tensors the plan masks (e.g. "
+                f"{', '.join(missing[:3])}; the arrays hold e.g. "
+                f"{', '.join(list(arrays.keys())[:3])}): build LIPSStrategy from the model "
+                "whose state_dict() names the arrays (a compiled or DDP model's names "
+                "carry '_orig_mod.'/'module.')"
+            )
         messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
         current = {
             name: torch.from_numpy(arrays[name].numpy()) for name in self._names if name in arrays
@@ -235,7 +372,7 @@ class LIPSStrategy(Strategy):
         self.reports[server_round] = report
         if not report.masked:
             return messages
-        logger.info("server round %d: %s", server_round, report)
+        logger.info("%s: %s", _round_label(server_round), _report_text(report))
         record = ArrayRecord()
         for name, array in arrays.items():
             record[name] = Array(masked[name].numpy()) if name in masked else array

@@ -4,7 +4,9 @@ deployment run (SuperLink + two SuperNodes as processes) of examples/flower."""
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
+import logging
 import os
 import re
 import signal
@@ -26,7 +28,13 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict  # 
 from flwr.serverapp.strategy import FedAvg  # noqa: E402
 
 from lips_wrap import LIPSConfig, density_at, find_layers  # noqa: E402
-from lips_wrap.integrations.flower import LIPSStrategy, lips_round, lips_train  # noqa: E402
+from lips_wrap.integrations.flower import (  # noqa: E402
+    LIPSStrategy,
+    lips_round,
+    lips_train,
+    report_metrics,
+    show_lips_logs,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -71,9 +79,9 @@ def task_identity():
     TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
 
 
-def _message(server_round: int, arrays: ArrayRecord) -> Message:
+def _message(server_round: int, arrays: ArrayRecord, **records) -> Message:
     content = RecordDict({"arrays": arrays,
-                          "config": ConfigRecord({"server-round": server_round})})
+                          "config": ConfigRecord({"server-round": server_round}), **records})
     return Message(content=content, dst_node_id=7, message_type="train")
 
 
@@ -126,6 +134,144 @@ def test_lips_train_keeps_node_state_between_rebuilt_apps(task_identity):
         with lips_train(model, torch.optim.SGD(model.parameters(), lr=1),
                         _message(1, arrays), context, config):
             pass
+
+
+EVERY_ROUND = LIPSConfig(total_rounds=4, period=1)
+"""Server rounds 2, 3, 4 (LIPS rounds 1, 2, 3) mask, at density 0.5 first."""
+
+
+def _enter(model, msg, context=None, **options):
+    """Enter and leave lips_train around one step of training; returns the LIPS."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with lips_train(model, optimizer, msg, context or _context(), EVERY_ROUND,
+                    **options) as lips:
+        apps._fit(model, lips.optimizer, partition=0)
+    return lips
+
+
+def test_lips_train_refuses_a_model_that_does_not_hold_the_received_arrays(task_identity):
+    """Entering lips_train before loading the arrays would mask the old weights and
+    report a mask the trained model never had: it raises, names the fix, changes nothing."""
+    arrays = ArrayRecord(apps.tiny_net().state_dict())
+    model = apps.tiny_net()
+    with torch.no_grad():
+        model[2].weight.add_(1.0)  # one of the two masked tensors is not the received one
+    before = {name: t.clone() for name, t in model.state_dict().items()}
+    context = _context()
+    with pytest.raises(ValueError, match=(
+        r"does not hold the arrays this message carries: 1 of the 2 tensors LIPS masks "
+        r"differ from ArrayRecord 'arrays' \(e\.g\. 2\.weight\)\. .*load the received "
+        r"arrays first: model\.load_state_dict\(msg\.content\['arrays'\]"
+        r"\.to_torch_state_dict\(\)\), then enter lips_train")):
+        _enter(model, _message(2, arrays), context)
+    assert all(torch.equal(before[n], t) for n, t in model.state_dict().items())
+    assert "lips.meta" not in context.state
+    # Loaded first, as documented: masked on this mask round.
+    model.load_state_dict(arrays.to_torch_state_dict())
+    assert _enter(model, _message(2, arrays), context).last_report.masked
+
+
+def test_lips_train_matches_arrays_of_compiled_and_plain_models(task_identity):
+    """A compiled model loads a plain model's arrays (and the reverse): the check
+    matches the names with and without the '_orig_mod.' prefix."""
+    plain = apps.tiny_net()
+    compiled = torch.compile(apps.tiny_net(), backend="eager")
+    from_plain = ArrayRecord(plain.state_dict())
+    from_compiled = ArrayRecord(compiled.state_dict())
+    assert next(iter(from_compiled.keys())).startswith("_orig_mod.")
+    assert _enter(compiled, _message(2, from_plain)).last_report.masked
+    assert _enter(apps.tiny_net(), _message(2, from_compiled)).last_report.masked
+    compiled = torch.compile(apps.tiny_net(), backend="eager")
+    with torch.no_grad():
+        compiled.get_parameter("_orig_mod.4.weight").mul_(2.0)
+    with pytest.raises(ValueError, match=r"e\.g\. _orig_mod\.4\.weight\)"):
+        _enter(compiled, _message(2, from_plain))
+
+
+def test_lips_train_names_the_arrays_record_and_can_be_told_not_to_check(task_identity):
+    arrays = ArrayRecord(apps.tiny_net().state_dict())
+    other = ArrayRecord({"adapter.weight": torch.zeros(2)})
+    two = _message(2, arrays, extra=other)
+    with pytest.raises(ValueError, match=r"2 ArrayRecords \('arrays', 'extra'\).*arrays_key="):
+        _enter(apps.tiny_net(), two)
+    assert _enter(apps.tiny_net(), two, arrays_key="arrays").last_report.masked
+    with pytest.raises(ValueError, match=r"no ArrayRecord 'model' \(it has: 'arrays', 'extra'\)"):
+        _enter(apps.tiny_net(), two, arrays_key="model")
+    with pytest.raises(ValueError, match=r"none of the 2 tensors LIPS masks \(e\.g\. 2\.weight\)"
+                       r" is in the message's ArrayRecord 'extra'"):
+        _enter(apps.tiny_net(), two, arrays_key="extra")
+    model = apps.tiny_net()
+    with torch.no_grad():
+        model[2].weight.add_(1.0)
+    assert _enter(model, _message(2, arrays), check_loaded=False).last_report.masked
+
+
+def test_reply_metrics_carry_the_fallback_count(task_identity):
+    """A node's first mask round without stored gradients scores by magnitude: the
+    reply metrics say for how many tensors."""
+    arrays = ArrayRecord(apps.tiny_net().state_dict())
+    context = _context()
+    lips = _enter(apps.tiny_net(), _message(1, arrays), context)
+    assert dict(report_metrics(lips.last_report)) == {
+        "lips-density": 0.0, "lips-zeroed": 0, "lips-fallback": 0}
+    lips = _enter(apps.tiny_net(), _message(2, arrays), context)  # gradients from round 1
+    assert dict(report_metrics(lips.last_report))["lips-fallback"] == 0
+    lips = _enter(apps.tiny_net(), _message(2, arrays))  # a node new to the federation
+    metrics = dict(report_metrics(lips.last_report))
+    assert metrics == {"lips-density": 0.5, "lips-zeroed": 144 + 288, "lips-fallback": 2}
+
+
+def test_log_lines_name_the_flower_and_the_lips_round(task_identity, caplog):
+    """Each line names both numberings once: never 'server round 2: round 1: ...'."""
+    caplog.set_level(logging.INFO, logger="lips_wrap")
+    arrays = ArrayRecord(apps.tiny_net().state_dict())
+    _enter(apps.tiny_net(), _message(2, arrays))
+    strategy = LIPSStrategy(FedAvg(), apps.tiny_net(), LIPSConfig(total_rounds=3, period=1))
+    for server_round in (1, 2):
+        list(strategy.configure_train(server_round, arrays, ConfigRecord(), _Grid()))
+    lines = [r.getMessage() for r in caplog.records if r.name == "lips_wrap.integrations.flower"]
+    client, server = lines
+    head = "node 7, Flower server round 2 (LIPS round 1): masked 2 tensors at density 0.500 "
+    assert client.startswith(head) and "round" not in client[len(head):]
+    assert client.endswith("; 2 tensors had no stored gradient: magnitude score")
+    head = "Flower server round 2 (LIPS round 1): masked 2 tensors at density 0.500 "
+    assert server.startswith(head) and "round" not in server[len(head):]
+
+
+@pytest.fixture
+def lips_logger():
+    """The ``lips_wrap`` logger, restored after the test."""
+    logger = logging.getLogger("lips_wrap")
+    saved = (logger.level, list(logger.handlers))
+    yield logger
+    logger.setLevel(saved[0])
+    logger.handlers[:] = saved[1]
+
+
+def test_show_lips_logs_prints_lips_lines_like_flowers_own(task_identity, lips_logger):
+    from flwr.common.logger import console_handler
+
+    show_lips_logs()
+    show_lips_logs()
+    assert lips_logger.handlers.count(console_handler) == 1
+    assert lips_logger.level == logging.INFO
+    printed = io.StringIO()
+    stream = console_handler.setStream(printed)
+    try:
+        _enter(apps.tiny_net(), _message(2, ArrayRecord(apps.tiny_net().state_dict())))
+    finally:
+        console_handler.setStream(stream)
+    assert "INFO \033[0m:      node 7, Flower server round 2 (LIPS round 1): masked 2 " in (
+        printed.getvalue())
+
+
+def test_strategy_refuses_arrays_that_lack_the_planned_tensors(task_identity):
+    compiled = torch.compile(apps.tiny_net(), backend="eager")
+    strategy = LIPSStrategy(FedAvg(), compiled, LIPSConfig(total_rounds=3, period=1))
+    arrays = ArrayRecord(apps.tiny_net().state_dict())
+    with pytest.raises(ValueError, match=r"lack 2 tensors the plan masks \(e\.g\. "
+                       r"_orig_mod\.2\.weight.*the arrays hold e\.g\. 0\.weight"):
+        strategy.configure_train(1, arrays, ConfigRecord(), _Grid())
 
 
 class _Grid:
