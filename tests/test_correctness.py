@@ -341,22 +341,27 @@ def test_replaced_parameters_are_refused():
 # -- 12. FSDP2 / DTensor parameters are refused at construction -------------------------
 def test_sharded_parameters_are_refused(tmp_path):
     dist = pytest.importorskip("torch.distributed")
-    from torch.distributed.tensor import DeviceMesh, Replicate, distribute_tensor
-
     if not dist.is_available():
         pytest.skip("torch.distributed not built")
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
     dist.init_process_group(
         "gloo", init_method=f"file://{tmp_path}/rendezvous", rank=0, world_size=1
     )
     try:
-        mesh = DeviceMesh("cpu", [0])
-        model = SmallCNN()
-        model.conv1.weight = nn.Parameter(
-            distribute_tensor(model.conv1.weight.detach(), mesh, [Replicate()])
-        )
-        with pytest.raises(ValueError, match="(?i)sharded|DTensor"):
+        mesh = init_device_mesh("cpu", (1,))
+        model = fully_shard(SmallCNN(), mesh=mesh)
+        with pytest.raises(ValueError, match="sharded DTensors.*DistributedDataParallel"):
             LIPS(model, torch.optim.SGD(model.parameters(), lr=0.1),
                  LIPSConfig(total_rounds=10))
+        # built before sharding: the replaced parameters are caught at the next call
+        model = SmallCNN()
+        lips = LIPS(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                    LIPSConfig(total_rounds=10))
+        fully_shard(model, mesh=mesh)
+        with pytest.raises(RuntimeError, match="no longer the one LIPS was built with"):
+            lips.on_global_model(1)
     finally:
         dist.destroy_process_group()
 
