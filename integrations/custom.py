@@ -14,7 +14,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from lips_wrap import LIPS, LIPSConfig
+from lips_wrap import LIPS, ClientStates, LIPSConfig
+
+__all__ = [
+    "RoundRecord", "dirichlet_split", "fedavg", "label_distribution", "local_train",
+    "matched_split", "personalized_accuracy", "simulate",
+]
 
 
 def _as_labels(labels: Sequence[int] | np.ndarray | torch.Tensor) -> np.ndarray:
@@ -265,11 +270,11 @@ def simulate(
     torch.manual_seed(seed)
     model = model_factory()
     optimizer = optimizer_factory(model.parameters())
-    lips = None
+    lips = clients = None
     if lips_config is not None:
         lips = LIPS(model, optimizer, lips_config)
         optimizer = lips.optimizer
-        client_lips = [lips.state_dict() for _ in train_indices]
+        clients = ClientStates(lips)
     generator = torch.Generator().manual_seed(seed)
     global_state = copy.deepcopy(model.state_dict())
     sizes = [len(indices) for indices in train_indices]
@@ -279,15 +284,13 @@ def simulate(
         for cid, indices in enumerate(train_indices):
             model.load_state_dict(global_state)
             optimizer.state.clear()
-            if lips is not None:
-                lips.load_state_dict(client_lips[cid])
+            if lips is not None and clients is not None:
+                clients.activate(cid)
                 masked = lips.on_global_model(rnd).masked
             if rnd > 0:
                 after.append(personalized_accuracy(model, inputs, targets, [test_indices[cid]])[0])
             losses.append(local_train(model, optimizer, inputs[indices], targets[indices],
                                       epochs, batch_size, generator))
-            if lips is not None:
-                client_lips[cid] = lips.state_dict()
             before.append(personalized_accuracy(model, inputs, targets, [test_indices[cid]])[0])
             uploads.append(copy.deepcopy(model.state_dict()))
         if rnd > 0:

@@ -36,12 +36,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-from typing import Any, Dict, List, Mapping, MutableMapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, MutableMapping, Optional, Sequence, Tuple
 
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from lips_wrap import LIPS, LIPSConfig, MaskReport, find_layers, mask_global_state
+from lips_wrap import LIPS, ClientStates, LIPSConfig, MaskReport, ServerMasker, find_layers
 
 try:
     from fedml import mlops
@@ -120,9 +120,7 @@ class LIPSTrainerMixin:
         self.lips_config = _checked_config(lips_config, args)
         self.lips: Optional[LIPS] = None
         self.lips_report: Optional[MaskReport] = None
-        self._lips_states: Dict[Any, Dict[str, Any]] = {}
-        self._lips_fresh: Dict[str, Any] = {}
-        self._lips_owner: Any = None
+        self._lips_clients: Optional[ClientStates] = None
 
     def lips_optimizer(self, optimizer: torch.optim.Optimizer, args: Any) -> torch.optim.Optimizer:
         """Mask the global model that ``set_model_params`` delivered, if round
@@ -137,13 +135,16 @@ class LIPSTrainerMixin:
         """
         round_index = lips_round(args)
         client = getattr(self, "id", 0)
-        if self.lips is not None:
-            self._lips_states[self._lips_owner] = self.lips.state_dict()
         if self.lips is None or self.lips.optimizer.original_optimizer is not optimizer:
+            # a fresh optimizer per round (FedML's idiom): a new LIPS around it, the
+            # clients' states carried over
+            previous = self._lips_clients
+            if previous is not None:
+                previous.save()
             self.lips = LIPS(self.model, optimizer, self.lips_config)  # type: ignore[attr-defined]
-            self._lips_fresh = self.lips.state_dict()
-        self.lips.load_state_dict(self._lips_states.get(client, self._lips_fresh))
-        self._lips_owner = client
+            self._lips_clients = ClientStates(self.lips, carry=previous)
+        assert self._lips_clients is not None
+        self._lips_clients.activate(client)
         self.lips_report = self.lips.on_global_model(round_index)
         if self.lips_report.masked:
             logger.info("client %s: %s", client, self.lips_report)
@@ -154,7 +155,7 @@ class LIPSAggregatorMixin:
     """Server-side LIPS for a ``fedml.core.ServerAggregator``: list it first in the bases.
 
     After FedML aggregates round ``args.round_idx = t``, :meth:`on_after_aggregation`
-    masks, on mask rounds (LIPS_METHOD.md step 1), the model sent for round ``t + 1``
+    masks, on mask rounds (rounds 1, 1 + K, ...), the model sent for round ``t + 1``
     with :func:`lips_wrap.mask_global_state`. The previous global model is the one this
     method returned last time (what FedML sent), at first the model's weights at
     construction. ``self.lips_reports`` maps each round to its report. A subclass that
@@ -169,29 +170,22 @@ class LIPSAggregatorMixin:
         self.lips_config = _checked_config(lips_config, args)
         self.lips_plan = find_layers(model, self.lips_config.include, self.lips_config.exclude)
         self.lips_reports: Dict[int, MaskReport] = {}
-        self._lips_sent = self._lips_snapshot(model.state_dict())
-
-    def _lips_snapshot(self, state: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        return {
-            name: state[name].detach().clone()
-            for name in self.lips_plan.eligible_names
-            if name in state
-        }
+        self._lips_server = ServerMasker(self.lips_plan, self.lips_config,
+                                         initial=model.state_dict())
 
     def on_after_aggregation(self, aggregated_model_or_grad: MutableMapping) -> MutableMapping:
         """The aggregator's own step, then the server-side mask for the next round."""
         aggregated = super().on_after_aggregation(aggregated_model_or_grad)  # type: ignore[misc]
         next_round = lips_round(self.args) + 1  # type: ignore[attr-defined]
-        if next_round < self.lips_config.total_rounds:
-            masked, report = mask_global_state(
-                aggregated, self._lips_sent, self.lips_plan, next_round, self.lips_config
-            )
-            self.lips_reports[next_round] = report
-            if report.masked:
-                logger.info("server, model for round %d: %s", next_round, report)
-                # FedML tells a per-client dict of models from one model by `type(x) is dict`.
-                aggregated = type(aggregated)(masked)
-        self._lips_sent = self._lips_snapshot(aggregated)
+        if next_round >= self.lips_config.total_rounds:
+            self._lips_server.remember(aggregated)
+            return aggregated
+        masked, report = self._lips_server(aggregated, next_round)
+        self.lips_reports[next_round] = report
+        if report.masked:
+            logger.info("server, model for round %d: %s", next_round, report)
+            # FedML tells a per-client dict of models from one model by `type(x) is dict`.
+            aggregated = type(aggregated)(masked)
         return aggregated
 
 

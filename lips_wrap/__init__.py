@@ -1,15 +1,17 @@
 """lips-wrap: LIPS (Layer-wise Inertia Phenomenon with Sparsity) for any FL loop."""
 
+from .clients import ClientStates
 from .config import SCORES, LIPSConfig
 from .detect_hf import detect_hf
 from .detect_peft import detect_peft
 from .detect_timm import detect_timm
 from .diagnostics import InertiaTracker
 from .layers import DETECTORS, LayerPlan, TensorDecision, find_layers
-from .lips import LIPS, MaskReport
+from .lips import LIPS
 from .optimizer import LIPSOptimizer
+from .report import MaskReport
 from .schedule import density_at, is_mask_round
-from .server import mask_global_state
+from .server import ServerMasker, mask_global_state
 
 # PEFT first: a PeftModel forwards attribute look-ups to the model it wraps.
 DETECTORS.extend(
@@ -21,6 +23,7 @@ DETECTORS.extend(
 )
 
 __all__ = [
+    "ClientStates",
     "LIPS",
     "LIPSConfig",
     "InertiaTracker",
@@ -28,6 +31,7 @@ __all__ = [
     "LayerPlan",
     "MaskReport",
     "SCORES",
+    "ServerMasker",
     "TensorDecision",
     "density_at",
     "find_layers",

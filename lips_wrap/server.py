@@ -105,3 +105,49 @@ def _check_like(tensor: object, weight: torch.Tensor, what: str) -> None:
             f"{tuple(weight.shape)}; pass the state of the same model"
         )
     check_finite(tensor, what)
+
+
+class ServerMasker:
+    """The server side's memory between rounds: the global model it sent last, so the
+    next mask scores ``|delta * W|`` against it.
+
+    Call it with each freshly aggregated state and the round the clients are about to
+    start; it returns what to send (masked on mask rounds) and remembers it. Give the
+    model's state at construction as ``initial`` when clients start from it.
+    """
+
+    def __init__(
+        self,
+        plan: LayerPlan,
+        config: LIPSConfig,
+        initial: Optional[Mapping[str, torch.Tensor]] = None,
+        reference: Optional[Mapping[str, torch.Tensor]] = None,
+    ) -> None:
+        self.plan = plan
+        self.config = config
+        self.reference = None if reference is None else self.snapshot(reference)
+        self.previous: Optional[Dict[str, torch.Tensor]] = (
+            None if initial is None else self.snapshot(initial)
+        )
+
+    def snapshot(self, state: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """Detached copies of the eligible tensors of ``state``."""
+        return {
+            name: state[name].detach().clone()
+            for name in self.plan.eligible_names if name in state
+        }
+
+    def __call__(
+        self, state: Mapping[str, torch.Tensor], round_index: int
+    ) -> Tuple[Dict[str, torch.Tensor], MaskReport]:
+        """:func:`mask_global_state` against the remembered previous model; what is
+        returned becomes the new previous model."""
+        masked, report = mask_global_state(
+            state, self.previous, self.plan, round_index, self.config, self.reference
+        )
+        self.remember(masked)
+        return masked, report
+
+    def remember(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Take ``state`` as the model sent (e.g. on rounds the server did not mask)."""
+        self.previous = self.snapshot(state)

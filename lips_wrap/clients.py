@@ -1,0 +1,62 @@
+"""ClientStates: one LIPS object serving many simulated clients, each with its own state.
+
+A simulation or a framework process often trains many clients in turn on one model
+and one optimizer. Each client's stored gradients and round bookkeeping must follow
+that client: :meth:`ClientStates.activate` saves the state of the client that was
+active and restores (or starts fresh) the state of the next one.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Hashable, Mapping, Optional
+
+from .lips import LIPS
+
+
+class ClientStates:
+    """Per-client LIPS states for ``lips``, keyed by any hashable client id.
+
+    Example::
+
+        clients = ClientStates(lips)
+        for rnd in range(rounds):
+            for cid in selected:
+                model.load_state_dict(global_state)
+                clients.activate(cid)
+                lips.on_global_model(rnd)
+                train(model, lips.optimizer)
+    """
+
+    def __init__(self, lips: LIPS, carry: Optional["ClientStates"] = None) -> None:
+        """``carry``: the states of another ``ClientStates`` to take over, e.g. when a
+        new LIPS is built each round around a fresh optimizer (call its
+        :meth:`save` first)."""
+        if not isinstance(lips, LIPS):
+            raise TypeError(f"ClientStates needs a LIPS, got {type(lips).__name__}")
+        self.lips = lips
+        self._fresh = lips.state_dict()
+        self._states: Dict[Hashable, Dict[str, Any]] = (
+            {} if carry is None else dict(carry._states)
+        )
+        self.active: Optional[Hashable] = None
+
+    def activate(self, client: Hashable) -> None:
+        """Save the active client's state, then make ``client``'s state the LIPS's
+        (a fresh one for a client seen for the first time)."""
+        self.save()
+        self.lips.load_state_dict(self._states.get(client, self._fresh))
+        self.active = client
+
+    def save(self) -> None:
+        """Store the active client's current state (done by :meth:`activate` too)."""
+        if self.active is not None:
+            self._states[self.active] = self.lips.state_dict()
+
+    def state_of(self, client: Hashable) -> Mapping[str, Any]:
+        """The stored state of ``client`` (the live one if it is active)."""
+        if client == self.active:
+            return self.lips.state_dict()
+        return self._states.get(client, self._fresh)
+
+    def __len__(self) -> int:
+        return len(set(self._states) | ({self.active} if self.active is not None else set()))

@@ -1,0 +1,56 @@
+"""ClientStates and ServerMasker: the per-client and previous-global state adapters share."""
+
+import pytest
+import torch
+from conftest import MIDDLE, SmallCNN, train_steps
+
+from lips_wrap import LIPS, ClientStates, LIPSConfig, ServerMasker, find_layers
+
+
+def test_each_client_keeps_its_own_gradients():
+    torch.manual_seed(0)
+    model = SmallCNN()
+    lips = LIPS(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                LIPSConfig(total_rounds=10))
+    clients = ClientStates(lips)
+    kept = {}
+    for cid, seed in (("a", 1), ("b", 2)):
+        clients.activate(cid)
+        lips.on_global_model(0)
+        train_steps(model, lips.optimizer, seed=seed)
+        kept[cid] = lips.optimizer.captured_grad(model.conv1.weight).clone()
+    assert not torch.equal(kept["a"], kept["b"])
+    clients.activate("a")
+    assert torch.equal(lips.optimizer.captured_grad(model.conv1.weight), kept["a"])
+    assert torch.equal(clients.state_of("b")["grads"]["conv1.weight"], kept["b"])
+    clients.activate("c")  # a new client starts fresh
+    assert lips.optimizer.captured_grad(model.conv1.weight) is None
+    assert len(clients) == 3
+    # carried over to a LIPS around a fresh optimizer
+    clients.save()
+    del lips
+    again = LIPS(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                 LIPSConfig(total_rounds=10))
+    carried = ClientStates(again, carry=clients)
+    carried.activate("b")
+    assert torch.equal(again.optimizer.captured_grad(model.conv1.weight), kept["b"])
+    with pytest.raises(TypeError, match="needs a LIPS"):
+        ClientStates(model)
+
+
+def test_server_masker_scores_against_what_it_sent():
+    torch.manual_seed(0)
+    model = SmallCNN()
+    plan = find_layers(model)
+    config = LIPSConfig(total_rounds=10, period=1)
+    initial = model.state_dict()
+    masker = ServerMasker(plan, config, initial=initial)
+    aggregated = {k: v + 0.1 if v.is_floating_point() else v for k, v in initial.items()}
+    masked, report = masker(aggregated, 1)
+    assert report.masked and report.fallback == ()
+    for name in MIDDLE:
+        assert torch.equal(masker.previous[name], masked[name])
+        assert masker.previous[name] is not masked[name]
+    assert set(masker.previous) == set(MIDDLE)
+    fresh = ServerMasker(plan, config)
+    assert fresh(aggregated, 1)[1].fallback == tuple(MIDDLE)  # no previous: magnitude
