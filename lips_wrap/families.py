@@ -54,6 +54,10 @@ MODEL_WRAPPERS: Tuple[Tuple[str, str], ...] = (
     ("DataParallel", "module"),
 )
 
+# Wrappers that shard parameters across ranks (FSDP1 flattens and slices them): a mask
+# needs each tensor whole, so find_layers refuses models that contain one.
+SHARDING_WRAPPERS: Tuple[str, ...] = ("FullyShardedDataParallel",)
+
 NORM_TYPES: Tuple[Type[nn.Module], ...] = (
     nn.modules.batchnorm._NormBase,
     nn.LayerNorm,

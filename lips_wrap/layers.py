@@ -276,10 +276,13 @@ def find_layers(
 
     Raises:
         ValueError: a pattern matches no parameter, an included tensor is not a
-            floating-point tensor, or (unless ``allow_empty``) nothing is eligible.
+            floating-point tensor, the model contains an FSDP wrapper
+            (``families.SHARDING_WRAPPERS``), or (unless ``allow_empty``) nothing is
+            eligible.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    _refuse_sharded(model)
     include, exclude = tuple(include), tuple(exclude)
     inner, prefix, wrappers = unwrap(model)
     slots = named_slots(model)
@@ -310,6 +313,19 @@ def find_layers(
             "include=[...] patterns, or check the plan:\n" + plan.table()
         )
     return plan
+
+
+def _refuse_sharded(model: nn.Module) -> None:
+    for name, module in model.named_modules():
+        class_names = {cls.__name__ for cls in type(module).__mro__}
+        found = class_names.intersection(families.SHARDING_WRAPPERS)
+        if found:
+            raise ValueError(
+                f"{name or 'the model'} is a {found.pop()}: its parameters are flattened "
+                "and sharded across ranks, and LIPS needs every tensor whole to rank its "
+                "entries. Use DistributedDataParallel, or mask on the server with "
+                "lips_wrap.mask_global_state on the full state dict"
+            )
 
 
 def _forms(name: str, prefix: str) -> Tuple[str, ...]:

@@ -184,6 +184,18 @@ def test_unknown_wrapper_like_modules_are_not_unwrapped():
     assert find_layers(model).eligible_names == tuple("module." + n for n in MIDDLE)
 
 
+def test_fsdp_wrapped_models_are_refused_not_planned_on_shards():
+    class FullyShardedDataParallel(nn.Module):  # FSDP1's class, by name
+        def __init__(self, module: nn.Module) -> None:
+            super().__init__()
+            self._fsdp_wrapped_module = module
+
+    model = nn.Sequential(nn.Linear(2, 2), FullyShardedDataParallel(SmallCNN()))
+    with pytest.raises(ValueError, match=r"^1 is a FullyShardedDataParallel: its parameters "
+                       r"are flattened and sharded.*Use DistributedDataParallel"):
+        find_layers(model)
+
+
 def test_strip_wrapper_prefixes():
     assert strip_wrapper_prefixes("module._orig_mod.fc.weight") == "fc.weight"
     assert strip_wrapper_prefixes("_orig_mod.module.fc.weight") == "fc.weight"

@@ -3,7 +3,8 @@
 Every train reply reports what the node received, per state-dict tensor in order:
 ``zeros`` (exact zeros after LIPS, if any, was applied), ``unchanged`` (1 if the tensor
 is bit-identical to the received array) and ``sums`` (float64 sums), so the test can
-check the masks on the arrays the clients actually trained from.
+check the masks on the arrays the clients actually trained from. LIPS clients add
+:func:`report_metrics` (``lips-density``, ``lips-zeroed``, ``lips-fallback``).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from flwr.serverapp.strategy import FedAvg, Strategy
 from torch import nn
 
 from lips_wrap import LIPSConfig
-from lips_wrap.integrations.flower import lips_train
+from lips_wrap.integrations.flower import lips_train, report_metrics
 
 NUM_NODES = 4
 CONFIG = LIPSConfig(total_rounds=4, period=1, start_density=0.5)
@@ -67,12 +68,12 @@ def _fit(model: nn.Module, optimizer: torch.optim.Optimizer, partition: int) -> 
 
 
 def _reply(msg: Message, model: nn.Module, observed: Dict[str, List], context: Context,
-           fallback: int) -> Message:
+           lips_metrics: MetricRecord) -> Message:
     metrics = MetricRecord({
         "num-examples": 16,
         "partition-id": int(context.node_config["partition-id"]),
-        "fallback": fallback,
         **observed,
+        **lips_metrics,
     })
     content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": metrics})
     return Message(content=content, reply_to=msg)
@@ -99,7 +100,7 @@ def train_with_lips(msg: Message, context: Context) -> Message:
         if (partition, int(msg.content["config"]["server-round"])) == FAILING:
             raise RuntimeError("node failure injected by the test")
         _fit(model, lips.optimizer, partition)
-    return _reply(msg, model, observed, context, len(lips.last_report.fallback))
+    return _reply(msg, model, observed, context, report_metrics(lips.last_report))
 
 
 plain_client = ClientApp()
@@ -112,7 +113,7 @@ def train_plain(msg: Message, context: Context) -> Message:
     observed = _observe(model, received)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     _fit(model, optimizer, int(context.node_config["partition-id"]))
-    return _reply(msg, model, observed, context, 0)
+    return _reply(msg, model, observed, context, MetricRecord())
 
 
 class RecordingFedAvg(FedAvg):

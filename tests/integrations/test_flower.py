@@ -359,13 +359,15 @@ def test_client_side_masks_exactly_on_mask_rounds(client_side_run):
     plan = find_layers(apps.tiny_net())
     for server_round, replies in run.replies.items():
         _check_received(replies, run.global_sums[server_round], server_round)
-        masked = density_at(server_round - 1, apps.CONFIG) is not None
+        density = density_at(server_round - 1, apps.CONFIG)
         for reply in replies:
             flags = dict(zip([d.name for d in plan.decisions], reply["unchanged"]))
             for decision in plan.decisions:
-                assert flags[decision.name] == int(not (masked and decision.eligible))
-            # Gradients came back from context.state: no magnitude fallback.
-            assert reply["fallback"] == 0
+                assert flags[decision.name] == int(not (density and decision.eligible))
+            # The reply metrics of report_metrics; gradients came back from
+            # context.state: no magnitude fallback.
+            assert reply["lips-density"] == (density or 0.0)
+            assert reply["lips-fallback"] == 0
 
 
 @pytest.mark.slow
@@ -484,6 +486,14 @@ def test_deployment_superlink_and_two_supernodes(flower_env):
         # eligible weights of the digits CNN (density 0.5).
         zeroed = [float(x) for x in re.findall(r"'lips-zeroed': ([0-9.e+]+)", output)]
         assert zeroed[:2] == [0.0, 6912.0], output[-3000:]
+        # Both nodes trained in round 1 through lips.optimizer: no magnitude fallback.
+        fallback = [float(x) for x in re.findall(r"'lips-fallback': ([0-9.e+]+)", output)]
+        assert fallback[:2] == [0.0, 0.0], output[-3000:]
+        # show_lips_logs() in the example's ClientApp: each SuperNode shows LIPS's line.
+        for node in range(2):
+            log = (logs / f"supernode{node}.log").read_text()
+            assert re.search(r"node \d+, Flower server round 2 \(LIPS round 1\): masked 2 "
+                             r"tensors at density 0\.500", log), log[-3000:]
         assert sockets and [s for s in sockets if not s[0].startswith(LOOPBACK)] == []
     finally:
         _stop(processes)

@@ -7,8 +7,9 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
 from lips_flower.task import Net, lips_config
-from lips_wrap.integrations.flower import LIPSStrategy
+from lips_wrap.integrations.flower import LIPSStrategy, show_lips_logs
 
+show_lips_logs()
 app = ServerApp()
 
 
@@ -31,4 +32,6 @@ def main(grid: Grid, context: Context) -> None:
     if isinstance(strategy, LIPSStrategy):
         for server_round, report in sorted(strategy.reports.items()):
             if report.masked:
-                print(f"server round {server_round:>3}: sent the nodes a masked model, {report}")
+                print(f"Flower server round {server_round:>3} (LIPS round {report.round}): "
+                      f"sent the nodes a masked model, density {report.density:.3f}, "
+                      f"{report.elements_zeroed:,} entries dropped")
