@@ -188,6 +188,7 @@ class LIPS:
             )
         self._check_parameters()
         self._check_training(round)
+        self.optimizer.before_next_step = None
         density = density_at(round, self.config)
         report = (
             self._mask(round, density)
@@ -197,8 +198,28 @@ class LIPS:
         self._last_round = round
         self.last_report = report
         self._witness.mark()
+        if report.masked:
+            self._guard_mask(round)
         logger.debug("%s", report)
         return report
+
+    def _guard_mask(self, round_index: int) -> None:
+        """Warn at the next step if the masked weights were overwritten before it,
+        e.g. by loading the global model after on_global_model instead of before."""
+        versions = {name: p._version for name, p in self._params.items()}
+
+        def check() -> None:
+            changed = [n for n, p in self._params.items() if p._version != versions[n]]
+            if changed:
+                warnings.warn(
+                    f"the weights LIPS masked in on_global_model({round_index}) were "
+                    f"overwritten before training started ({len(changed)} tensors, e.g. "
+                    f"{changed[0]}), so this round trained without the mask. Load the "
+                    "global model first, then call on_global_model, then train",
+                    UserWarning, stacklevel=4,
+                )
+
+        self.optimizer.before_next_step = check
 
     def _check_parameters(self) -> None:
         for name, param in self._params.items():
@@ -316,6 +337,7 @@ class LIPS:
         self._reference = reference
         self._last_round = last_round
         self.last_report = None
+        self.optimizer.before_next_step = None
         self._witness.mark()
 
 

@@ -28,7 +28,7 @@ AMP_ATTRIBUTES = ("grad_scale", "found_inf")
 """Attributes GradScaler sets on optimizers that unscale inside ``step``."""
 _OWN = frozenset(
     {"original_optimizer", "grad_dtype", "grad_device", "_grads", "_pending",
-     "_inside_step", "_wrapped_steps", "_raw_steps"}
+     "_inside_step", "_wrapped_steps", "_raw_steps", "before_next_step"}
 )
 
 
@@ -84,6 +84,8 @@ class LIPSOptimizer(torch.optim.Optimizer):
         }
         self._pending: Optional[torch.device] = None
         self._inside_step = False
+        self.before_next_step: Optional[Callable[[], None]] = None
+        """Called once at the start of the next step through the wrapper, then cleared."""
         self._wrapped_steps = 0
         self._raw_steps = 0
         handle = optimizer.register_step_post_hook(_count_raw_step(weakref.ref(self)))
@@ -148,6 +150,9 @@ class LIPSOptimizer(torch.optim.Optimizer):
 
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:  # type: ignore[override]
         """The wrapped optimizer's step; the (unscaled) gradients it uses are kept."""
+        if self.before_next_step is not None:
+            check, self.before_next_step = self.before_next_step, None
+            check()
         self._inside_step = True
         try:
             if closure is None:

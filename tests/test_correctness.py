@@ -452,3 +452,22 @@ def test_every_optimizer_implementation_masks_its_state(cls, impl, channels_last
         state = inner.state[weight][key]
         assert not bool(state[~kept].any()), (name, key)
         assert torch.equal(state[kept], value[kept]), (name, key)
+
+
+def test_loading_the_global_model_after_the_mask_warns():
+    torch.manual_seed(0)
+    model = SmallCNN()
+    lips = LIPS(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                LIPSConfig(total_rounds=10))
+    steps(model, lips.optimizer, shape=(5, 1, 6, 6))
+    global_state = {k: v.clone() for k, v in model.state_dict().items()}
+    lips.on_global_model(1)
+    model.load_state_dict(global_state)  # wrong order: the mask is overwritten
+    with pytest.warns(UserWarning, match="Load the global model first"):
+        steps(model, lips.optimizer, shape=(5, 1, 6, 6))
+    # the right order is silent, and only the first step checks
+    model.load_state_dict(global_state)
+    lips.on_global_model(6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        steps(model, lips.optimizer, n=2, shape=(5, 1, 6, 6))
