@@ -101,11 +101,13 @@ def _round_label(server_round: int) -> str:
 
 
 def _report_text(report: MaskReport) -> str:
-    """The report without its leading ``round N:`` (the 0-based LIPS round), which
-    :func:`_round_label` already gives."""
+    """The report without its leading ``round N:`` / ``LIPS round N:`` (the 0-based
+    LIPS round), which :func:`_round_label` already gives."""
     text = str(report)
-    head = f"round {report.round}: "
-    return text[len(head):] if text.startswith(head) else text
+    for head in (f"LIPS round {report.round}: ", f"round {report.round}: "):
+        if text.startswith(head):
+            return text[len(head):]
+    return text
 
 
 def show_lips_logs(level: int = logging.INFO) -> None:
