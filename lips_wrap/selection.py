@@ -203,27 +203,49 @@ def apply_selection_(
             direct.append((tensor, fill))
     if chunked:
         keep = torch.empty(min(step, flat.numel()), dtype=torch.bool, device=flat.device)
-        drop = torch.empty_like(keep)
         for start in range(0, flat.numel(), step):
             part = flat[start:start + step]
-            size = part.numel()
-            keep_factor(part, selection, start, keep[:size])
-            torch.logical_not(keep[:size], out=drop[:size])
+            part_keep = keep_factor(part, selection, start, keep[:part.numel()])
+            bits = _KeepBits(part_keep)
             for tensor, fill in chunked:
-                _drop_(tensor[start:start + step], drop[:size],
+                _drop_(tensor[start:start + step], bits,
                        None if fill is None else fill[start:start + step])
     if direct:
-        dropped = selection_mask(score, selection).logical_not_()
+        bits = _KeepBits(selection_mask(score, selection))
         for tensor, fill in direct:
-            _drop_(tensor, dropped.to(tensor.device), fill)
+            _drop_(tensor, bits, fill)
 
 
-def _drop_(tensor: Tensor, drop: Tensor, fill: Optional[Tensor]) -> None:
-    """Overwrite ``tensor`` where ``drop`` is True: with 0, or with ``fill``."""
-    if fill is None:
-        tensor.masked_fill_(drop, 0)
+_INTEGER_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+class _KeepBits:
+    """A keep mask as all-ones / all-zeros integers of each element size, made once
+    and shared by every tensor masked with it. ``x & bits`` keeps an entry's bits or
+    clears them to ``+0.0``, whatever the entry held (inf, NaN), in any layout and
+    several times faster than ``masked_fill_`` on CPU."""
+
+    def __init__(self, keep: Tensor) -> None:
+        self.keep = keep
+        self._bits: dict = {}
+
+    def of(self, tensor: Tensor) -> Tensor:
+        key = (tensor.element_size(), tensor.device)
+        if key not in self._bits:
+            integer = _INTEGER_OF_SIZE[tensor.element_size()]
+            self._bits[key] = self.keep.to(tensor.device, integer).neg_()
+        return self._bits[key]
+
+
+def _drop_(tensor: Tensor, bits: _KeepBits, fill: Optional[Tensor]) -> None:
+    """Overwrite ``tensor`` where ``bits.keep`` is False: with +0, or with ``fill``."""
+    if fill is not None:
+        tensor.copy_(torch.where(bits.keep.to(tensor.device), tensor, fill))
+    elif tensor.is_floating_point() and tensor.element_size() in _INTEGER_OF_SIZE:
+        integer = _INTEGER_OF_SIZE[tensor.element_size()]
+        tensor.view(integer).bitwise_and_(bits.of(tensor))
     else:
-        tensor.copy_(torch.where(drop, fill, tensor))
+        tensor.masked_fill_(bits.keep.to(tensor.device).logical_not(), 0)
 
 
 # -- internals -------------------------------------------------------------------------
