@@ -30,7 +30,7 @@ from typing import Dict, Iterable, Iterator, List, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from lips_wrap import LIPS, LayerPlan, LIPSConfig, MaskReport, find_layers, mask_global_state
+from lips_wrap import LIPS, LayerPlan, LIPSConfig, MaskReport, ServerMasker, find_layers
 from lips_wrap.layers import strip_wrapper_prefixes
 
 try:
@@ -336,7 +336,7 @@ class LIPSStrategy(Strategy):
         self._names: Tuple[str, ...] = tuple(
             name for d in self.plan.eligible for name in (d.name,) + d.aliases
         )
-        self._sent: Optional[Dict[str, torch.Tensor]] = None
+        self._server = ServerMasker(self.plan, self.config)
 
     def __repr__(self) -> str:
         return f"LIPSStrategy({self.strategy!r})"
@@ -367,10 +367,7 @@ class LIPSStrategy(Strategy):
         current = {
             name: torch.from_numpy(arrays[name].numpy()) for name in self._names if name in arrays
         }
-        masked, report = mask_global_state(
-            current, self._sent, self.plan, _core_round(server_round, self.config), self.config
-        )
-        self._sent = masked
+        masked, report = self._server(current, _core_round(server_round, self.config))
         self.reports[server_round] = report
         if not report.masked:
             return messages

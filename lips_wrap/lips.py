@@ -273,7 +273,7 @@ class LIPS:
             zeroed += param.numel() - keep_count(param.numel(), density)
         if fallback:
             logger.info(
-                "round %d: no stored gradient for %d tensors (this client has not "
+                "LIPS round %d: no stored gradient for %d tensors (this client has not "
                 "trained through lips.optimizer yet); scored them by magnitude",
                 round_index, len(fallback),
             )

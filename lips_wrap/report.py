@@ -31,9 +31,9 @@ class MaskReport:
 
     def __str__(self) -> str:
         if not self.masked:
-            return f"round {self.round}: no mask"
+            return f"LIPS round {self.round}: no mask"
         text = (
-            f"round {self.round}: masked {self.tensors_masked} tensors at density "
+            f"LIPS round {self.round}: masked {self.tensors_masked} tensors at density "
             f"{self.density:.3f} ({self.score}), dropped {self.elements_zeroed:,} of "
             f"{self.elements_eligible:,} eligible entries"
         )
