@@ -6,21 +6,12 @@ from .detect_hf import detect_hf
 from .detect_peft import detect_peft
 from .detect_timm import detect_timm
 from .diagnostics import InertiaTracker
-from .layers import DETECTORS, LayerPlan, TensorDecision, find_layers
+from .layers import LayerPlan, TensorDecision, find_layers
 from .lips import LIPS
 from .optimizer import LIPSOptimizer
 from .report import MaskReport
 from .schedule import density_at, is_mask_round
 from .server import ServerMasker, mask_global_state
-
-# PEFT first: a PeftModel forwards attribute look-ups to the model it wraps.
-DETECTORS.extend(
-    [
-        ("PEFT adapters (trainable only)", detect_peft),
-        ("timm metadata", detect_timm),
-        ("Hugging Face metadata", detect_hf),
-    ]
-)
 
 __all__ = [
     "ClientStates",
@@ -34,6 +25,9 @@ __all__ = [
     "ServerMasker",
     "TensorDecision",
     "density_at",
+    "detect_hf",
+    "detect_peft",
+    "detect_timm",
     "find_layers",
     "is_mask_round",
     "mask_global_state",

@@ -20,7 +20,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
 from torch import nn
 
 from . import families
-from .layers import NamedSlot, Verdict, exempt_kind, generic_rule, is_layer_weight
+from .rules import NamedSlot, Verdict, generic_rule, layer_weight_verdict
 
 Blocks = Dict[str, str]
 """Module name of each block -> how it was found."""
@@ -49,7 +49,7 @@ def _containers(model: nn.Module) -> List[Tuple[str, nn.Module]]:
 
 def _holds_layer_weight(module: nn.Module) -> bool:
     return any(
-        exempt_kind(owner, local) is None and is_layer_weight(owner, local)
+        layer_weight_verdict(owner, local) is None
         for owner in module.modules()
         for local, _ in owner.named_parameters(recurse=False)
     )
@@ -151,17 +151,15 @@ def detect_hf(model: nn.Module, slots: Sequence[NamedSlot]) -> Optional[Dict[str
         param = getattr(module, local)
         embedding = embedding_reason(param, inputs, outputs)
         block = _enclosing(name, blocks)
-        kind = exempt_kind(module, local)
+        exempt = layer_weight_verdict(module, local)
         if embedding is not None:
             verdicts[name] = (False, embedding)
         elif not blocks:
             continue
         elif block is None:
             verdicts[name] = (False, "outside the blocks (embeddings, pooler or head)")
-        elif kind is not None:
-            verdicts[name] = (False, kind)
-        elif not is_layer_weight(module, local):
-            verdicts[name] = (False, f"not a layer weight ({type(module).__name__}.{local})")
+        elif exempt is not None:
+            verdicts[name] = exempt
         else:
             verdicts[name] = (True, f"inside block {block} ({blocks[block]})")
     return verdicts

@@ -19,7 +19,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 from torch import nn
 
 from . import families
-from .layers import NamedSlot, Verdict, exempt_kind, generic_rule, is_layer_weight
+from .rules import NamedSlot, Verdict, generic_rule, layer_weight_verdict
 
 # (compiled regex, group key, role, merges into the previous group)
 _Entry = Tuple["re.Pattern[str]", str, str, bool]
@@ -127,7 +127,7 @@ def _metadata_verdicts(
     verdicts: Dict[str, Verdict] = {}
     for index, ((name, module, local), found) in enumerate(zip(slots, matches)):
         cfg_reason = _prefix_reason(name, cfg_prefixes)
-        kind = exempt_kind(module, local)
+        exempt = layer_weight_verdict(module, local)
         if cfg_reason is not None:
             verdicts[name] = (False, cfg_reason)
         elif found is None:
@@ -137,10 +137,8 @@ def _metadata_verdicts(
             verdicts[name] = (False, f"{source}: {found[0]}{role}")
         elif found[2] and index > last_block:
             verdicts[name] = (False, f"{source}: {found[0]}, after the last block")
-        elif kind is not None:
-            verdicts[name] = (False, kind)
-        elif not is_layer_weight(module, local):
-            verdicts[name] = (False, f"not a layer weight ({type(module).__name__}.{local})")
+        elif exempt is not None:
+            verdicts[name] = exempt
         else:
             where = f"{found[0]} {found[3]}".strip()
             verdicts[name] = (True, f"{source}: {where} ({type(module).__name__})")

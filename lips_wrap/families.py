@@ -9,6 +9,9 @@ from typing import Dict, Tuple, Type
 
 from torch import nn
 
+# Parameter-name globs (local names) of biases: never masked, in any module.
+BIAS_NAMES: Tuple[str, ...] = ("bias", "*_bias")
+
 # (module type, parameter-name glob): parameters that are a layer's weight matrix or
 # kernel. A parameter of such a module that matches no glob (a bias, say) is no
 # layer weight.

@@ -19,21 +19,16 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from . import families
-
-Verdict = Tuple[bool, str]
-"""(eligible, reason) for one parameter name."""
-
-NamedSlot = Tuple[str, nn.Module, str]
-"""(full parameter name, owning module, local parameter name)."""
-
-Detector = Callable[[nn.Module, Sequence[NamedSlot]], Optional[Dict[str, Verdict]]]
-"""Decides every slot of a model it recognises, or returns None to pass."""
+from .detect_hf import detect_hf
+from .detect_peft import detect_peft
+from .detect_timm import detect_timm
+from .rules import Detector, NamedSlot, Verdict, generic_rule
 
 
 @dataclass(frozen=True)
@@ -120,69 +115,14 @@ class LayerPlan:
         return self.table()
 
 
-def _module_class_name(module: nn.Module) -> str:
-    return type(module).__name__
-
-
-def _matches_any(name: str, globs: Iterable[str]) -> bool:
-    return any(fnmatch.fnmatchcase(name, glob) for glob in globs)
-
-
-def is_layer_weight(module: nn.Module, local_name: str) -> bool:
-    """Whether ``module.<local_name>`` is a layer's weight matrix or kernel."""
-    for module_type, glob in families.LAYER_WEIGHTS:
-        if isinstance(module, module_type) and fnmatch.fnmatchcase(local_name, glob):
-            return True
-    class_name = _module_class_name(module)
-    return any(
-        fnmatch.fnmatchcase(class_name, known) and fnmatch.fnmatchcase(local_name, glob)
-        for known, glob in families.LAYER_WEIGHTS_BY_CLASS_NAME
-    )
-
-
-def exempt_kind(module: nn.Module, local_name: str) -> Optional[str]:
-    """Why a parameter is never a layer weight (norm, embedding, bias), or None."""
-    class_name = _module_class_name(module)
-    if isinstance(module, families.NORM_TYPES) or any(
-        fragment in class_name for fragment in families.NORM_CLASS_NAME_FRAGMENTS
-    ):
-        return f"normalisation ({class_name})"
-    if isinstance(module, families.EMBEDDING_TYPES) or any(
-        fragment in class_name for fragment in families.EMBEDDING_CLASS_NAME_FRAGMENTS
-    ):
-        return f"embedding ({class_name})"
-    if local_name == "bias" or local_name.endswith("_bias"):
-        return "bias"
-    return None
-
-
-def generic_rule(model: nn.Module, slots: Sequence[NamedSlot]) -> Dict[str, Verdict]:
-    """The rule for plain torch models: middle layer weights, in registration order."""
-    layer_names = [
-        name for name, module, local in slots
-        if exempt_kind(module, local) is None and is_layer_weight(module, local)
-    ]
-    stem = layer_names[0] if layer_names else None
-    head = layer_names[-1] if layer_names else None
-    verdicts: Dict[str, Verdict] = {}
-    for name, module, local in slots:
-        class_name = _module_class_name(module)
-        kind = exempt_kind(module, local)
-        if kind is not None:
-            verdicts[name] = (False, kind)
-        elif not is_layer_weight(module, local):
-            verdicts[name] = (False, f"not a layer weight ({class_name}.{local})")
-        elif name == stem:
-            verdicts[name] = (False, f"input stem: first layer ({class_name})")
-        elif name == head:
-            verdicts[name] = (False, f"head: last layer ({class_name})")
-        else:
-            verdicts[name] = (True, f"middle layer weight ({class_name})")
-    return verdicts
-
-
-DETECTORS: List[Tuple[str, Detector]] = []
-"""Model-family detectors tried before the generic rule, in order: (label, detector)."""
+DETECTORS: List[Tuple[str, Detector]] = [
+    # PEFT first: a PeftModel forwards attribute look-ups to the model it wraps.
+    ("PEFT adapters (trainable only)", detect_peft),
+    ("timm metadata", detect_timm),
+    ("Hugging Face metadata", detect_hf),
+]
+"""Model-family detectors tried before the generic rule, in order: (label, detector).
+Teaching LIPS a new family is adding a detector here."""
 
 
 def named_slots(model: nn.Module) -> List[NamedSlot]:
