@@ -41,6 +41,14 @@ def steps(model, optimizer, n=1, shape=(6, 1, 8, 8), memory_format=None, scaler=
             scaler.update()
 
 
+def small_lips(lr=0.1, momentum=0.0, **config):
+    """(model, inner SGD, LIPS) on the small CNN, seeded."""
+    torch.manual_seed(0)
+    model = SmallCNN()
+    inner = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    return model, inner, LIPS(model, inner, LIPSConfig(total_rounds=10, **config))
+
+
 # -- 1. every memory format masks every target with the same entries ------------------
 @pytest.mark.parametrize("optimizer", ["sgd", "adam_amsgrad"])
 def test_channels_last_state_masked_where_the_weight_is(optimizer):
@@ -149,10 +157,7 @@ def test_fused_inf_step_is_skipped_and_not_kept():
 
 # -- 3. a finite gradient beyond float16's range saturates ------------------------------
 def test_gradient_beyond_float16_range_is_kept_saturated():
-    torch.manual_seed(0)
-    model = SmallCNN()
-    lips = LIPS(model, torch.optim.SGD(model.parameters(), lr=0.0),
-                LIPSConfig(total_rounds=10))
+    model, _, lips = small_lips(lr=0.0)
     steps(model, lips.optimizer, shape=(5, 1, 6, 6))
     weight = model.conv1.weight
     weight.grad = torch.zeros_like(weight)
@@ -171,10 +176,7 @@ def test_gradient_beyond_float16_range_is_kept_saturated():
 
 # -- 4. non-finite optimizer state at dropped entries becomes exactly zero --------------
 def test_non_finite_state_at_dropped_entries_becomes_zero():
-    torch.manual_seed(0)
-    model = SmallCNN()
-    inner = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    lips = LIPS(model, inner, LIPSConfig(total_rounds=10))
+    model, inner, lips = small_lips(lr=0.1, momentum=0.9)
     steps(model, lips.optimizer, shape=(5, 1, 6, 6))
     momentum = inner.state[model.conv1.weight]["momentum_buffer"]
     momentum.fill_(float("inf"))
@@ -189,10 +191,7 @@ def test_non_finite_state_at_dropped_entries_becomes_zero():
 
 # -- 5. load_state_dict validates the whole dict, changes nothing on error --------------
 def _trained_lips():
-    torch.manual_seed(0)
-    model = SmallCNN()
-    lips = LIPS(model, torch.optim.SGD(model.parameters(), lr=0.1),
-                LIPSConfig(total_rounds=10))
+    model, _, lips = small_lips(lr=0.1)
     steps(model, lips.optimizer, shape=(5, 1, 6, 6))
     lips.on_global_model(0)
     return model, lips
@@ -250,10 +249,7 @@ def test_server_previous_of_another_shape_is_refused():
 
 # -- 7. the "already wrapped" guard dies with the wrapper -------------------------------
 def test_optimizer_can_be_wrapped_again_once_its_lips_is_gone():
-    torch.manual_seed(0)
-    model = SmallCNN()
-    inner = torch.optim.SGD(model.parameters(), lr=0.1)
-    lips = LIPS(model, inner, LIPSConfig(total_rounds=10))
+    model, inner, lips = small_lips(lr=0.1)
     with pytest.raises(ValueError, match="already wrapped"):
         LIPS(model, inner, LIPSConfig(total_rounds=10))
     del lips
@@ -265,10 +261,7 @@ def test_optimizer_can_be_wrapped_again_once_its_lips_is_gone():
 
 # -- 8. training with the raw optimizer is said, not silently lost ----------------------
 def test_training_with_the_raw_optimizer_warns_with_the_fix():
-    torch.manual_seed(0)
-    model = SmallCNN()
-    inner = torch.optim.SGD(model.parameters(), lr=0.1)
-    lips = LIPS(model, inner, LIPSConfig(total_rounds=10))
+    model, inner, lips = small_lips(lr=0.1)
     lips.on_global_model(0)
     steps(model, inner, n=2, shape=(5, 1, 6, 6))
     with pytest.warns(UserWarning, match="lips.optimizer"):
@@ -277,10 +270,7 @@ def test_training_with_the_raw_optimizer_warns_with_the_fix():
 
 
 def test_training_with_a_new_optimizer_warns():
-    torch.manual_seed(0)
-    model = SmallCNN()
-    lips = LIPS(model, torch.optim.SGD(model.parameters(), lr=0.1),
-                LIPSConfig(total_rounds=10))
+    model, _, lips = small_lips(lr=0.1)
     lips.on_global_model(0)
     steps(model, torch.optim.SGD(model.parameters(), lr=0.1), n=3, shape=(5, 1, 6, 6))
     with pytest.warns(UserWarning, match="lips.optimizer"):
@@ -288,10 +278,7 @@ def test_training_with_a_new_optimizer_warns():
 
 
 def test_raw_optimizer_can_be_an_error():
-    torch.manual_seed(0)
-    model = SmallCNN()
-    inner = torch.optim.SGD(model.parameters(), lr=0.1)
-    lips = LIPS(model, inner, LIPSConfig(total_rounds=10, unwrapped_training="error"))
+    model, inner, lips = small_lips(lr=0.1, unwrapped_training="error")
     lips.on_global_model(0)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     steps(model, inner, n=1, shape=(5, 1, 6, 6))
@@ -304,10 +291,7 @@ def test_raw_optimizer_can_be_an_error():
 
 
 def test_wrapped_training_and_shared_simulation_do_not_warn():
-    torch.manual_seed(0)
-    model = SmallCNN()
-    lips = LIPS(model, torch.optim.SGD(model.parameters(), lr=0.1),
-                LIPSConfig(total_rounds=10, period=1))
+    model, _, lips = small_lips(lr=0.1, period=1)
     fresh = lips.state_dict()
     global_state = {k: v.clone() for k, v in model.state_dict().items()}
     states = {c: fresh for c in range(3)}
@@ -329,10 +313,7 @@ def test_config_rejects_unknown_unwrapped_training():
 
 # -- parameters replaced after LIPS was built (e.g. sharding) ---------------------------
 def test_replaced_parameters_are_refused():
-    torch.manual_seed(0)
-    model = SmallCNN()
-    lips = LIPS(model, torch.optim.SGD(model.parameters(), lr=0.1),
-                LIPSConfig(total_rounds=10))
+    model, _, lips = small_lips(lr=0.1)
     model.conv1.weight = nn.Parameter(model.conv1.weight.detach().clone())
     with pytest.raises(RuntimeError, match="conv1.weight"):
         lips.on_global_model(1)
@@ -455,10 +436,7 @@ def test_every_optimizer_implementation_masks_its_state(cls, impl, channels_last
 
 
 def test_loading_the_global_model_after_the_mask_warns():
-    torch.manual_seed(0)
-    model = SmallCNN()
-    lips = LIPS(model, torch.optim.SGD(model.parameters(), lr=0.1),
-                LIPSConfig(total_rounds=10))
+    model, _, lips = small_lips(lr=0.1)
     steps(model, lips.optimizer, shape=(5, 1, 6, 6))
     global_state = {k: v.clone() for k, v in model.state_dict().items()}
     lips.on_global_model(1)
