@@ -449,3 +449,32 @@ def test_loading_the_global_model_after_the_mask_warns():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         steps(model, lips.optimizer, n=2, shape=(5, 1, 6, 6))
+
+
+@pytest.mark.parametrize("impl", ["fused", "foreach"])
+def test_unscale_then_clip_then_step_keeps_the_unscaled_gradient(impl):
+    """The common AMP recipe with gradient clipping: scaler.unscale_ before step."""
+    results = []
+    for wrapped in (True, False):
+        torch.manual_seed(0)
+        model = SmallCNN()
+        inner = _optimizer("SGD", impl, model.parameters())
+        lips = LIPS(model, inner, LIPSConfig(total_rounds=10)) if wrapped else None
+        optimizer = lips.optimizer if wrapped else inner
+        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+        generator = torch.Generator().manual_seed(3)
+        x = torch.randn(5, 1, 6, 6, generator=generator)
+        y = torch.randint(0, 3, (5,), generator=generator)
+        optimizer.zero_grad()
+        scaler.scale(nn.functional.cross_entropy(model(x), y)).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+        clipped = model.conv1.weight.grad.clone()
+        scaler.step(optimizer)
+        scaler.update()
+        results.append({n: p.detach().clone() for n, p in model.named_parameters()})
+        if wrapped:
+            kept = lips.optimizer.captured_grad(model.conv1.weight)
+            assert torch.allclose(kept.float(), clipped.half().float(), rtol=1e-3, atol=1e-7)
+    for name in results[0]:
+        assert torch.equal(results[0][name], results[1][name]), name
