@@ -34,3 +34,4 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+"""The version, defined here only: pyproject.toml reads it (``dynamic = ["version"]``)."""

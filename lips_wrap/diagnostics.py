@@ -7,10 +7,12 @@ After every aggregation, :meth:`InertiaTracker.update` records per tracked layer
   default, as the paper), NaN before the anchor round is reached.
 
 Rounds are the 0-based indices of the calls to :meth:`update`; ``W_{-1}`` is the
-weight the model held when the tracker was built. Layer inertia (LIPS_METHOD.md) shows
-as middle layers whose relative update falls to near zero while the first and last
-layers keep moving. Results are plain numpy arrays (layers x rounds) with CSV and JSON
-export; :meth:`plot` needs matplotlib (the ``plot`` extra).
+weight the model held when the tracker was built. Layer inertia (see the
+documentation's *Method* and *Diagnostics* pages) shows as middle layers whose relative
+update falls far below that of the first and last layers. Results are plain numpy arrays
+(layers x rounds) with CSV and JSON export; :meth:`plot` needs matplotlib (the ``plot``
+extra). :func:`inertia_ratio` and :data:`INERTIA_THRESHOLD` turn the updates into the
+verdict that ``lips-wrap diagnose`` prints.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import csv
 import json
 import math
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence, Union
+from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -29,6 +31,93 @@ from .layers import find_layers
 
 Weights = Union[nn.Module, Mapping[str, torch.Tensor]]
 """A model, or a mapping from parameter name to tensor (e.g. a state dict)."""
+
+INERTIA_THRESHOLD: float = 0.75
+"""Inertia ratio below which the middle layers count as stalled.
+
+The ratio (:func:`inertia_ratio`) is the middle layers' mean relative update over the
+mean of the first and last layers'. The value is calibrated on the FedAvg runs of
+``benchmarks/reproduce.py``: a ratio near or above 1 means the middle layers move as
+much as the edges; FedAvg on ``shapes-resnet8`` (where the middle layers stall against
+the head) gives about 0.69 on the committed seed-0 run, FedAvg on ``digits-vgg`` (no
+stall) about 1.1. PROVISIONAL: set from the committed seed-0 inertia table until the
+benchmark's calibration over all FedAvg seeds replaces it.
+"""
+
+DEFAULT_WARMUP_FRACTION: float = 0.2
+"""Share of the recorded rounds (rounded down) that :func:`inertia_ratio` skips by
+default: the first rounds of training move every layer a lot."""
+
+
+class InertiaRatio(NamedTuple):
+    """The numbers behind a verdict: means of the relative update over the rounds
+    after the warm-up, and ``ratio = middle / edges``."""
+
+    ratio: float
+    middle: float
+    first: float
+    last: float
+    edges: float
+    warmup: int
+    rounds_used: int
+
+
+def default_warmup(rounds: int) -> int:
+    """Rounds skipped by default: ``floor(DEFAULT_WARMUP_FRACTION * rounds)``."""
+    return int(math.floor(DEFAULT_WARMUP_FRACTION * rounds))
+
+
+def inertia_ratio(
+    updates: np.ndarray, roles: Sequence[str], warmup: Optional[int] = None
+) -> InertiaRatio:
+    """Middle layers' mean relative update over the mean of the first and last layers'.
+
+    Args:
+        updates: relative updates, layers x rounds (as :attr:`InertiaTracker.relative_update`).
+        roles: one of ``"first"``, ``"middle"``, ``"last"`` or ``"other"`` per layer
+            (``"other"`` rows are ignored); at least one middle layer and one of first
+            or last are needed.
+        warmup: rounds skipped at the start; default :func:`default_warmup`.
+
+    ``edges`` is the mean of the first layers' mean and the last layers' mean (or the
+    one that exists). Non-finite cells (a layer that was all zeros) are left out. The
+    ratio is inf when only the middle layers move, NaN when nothing moves.
+    """
+    updates = np.asarray(updates, dtype=np.float64)
+    if updates.ndim != 2 or updates.shape[0] != len(roles):
+        raise ValueError(
+            f"updates must be layers x rounds with one role per layer; got shape "
+            f"{updates.shape} and {len(roles)} roles"
+        )
+    unknown = sorted(set(roles) - {"first", "middle", "last", "other"})
+    if unknown:
+        raise ValueError(f"unknown roles {unknown}; accepted: first, middle, last, other")
+    rounds = updates.shape[1]
+    skip = default_warmup(rounds) if warmup is None else warmup
+    if isinstance(skip, bool) or not isinstance(skip, int) or not 0 <= skip < rounds:
+        raise ValueError(
+            f"warmup must be an integer in [0, {rounds - 1}] for {rounds} recorded rounds, "
+            f"got {warmup!r}"
+        )
+    kept = updates[:, skip:]
+
+    def mean_of(role: str) -> float:
+        rows = kept[[i for i, r in enumerate(roles) if r == role]]
+        cells = rows[np.isfinite(rows)]
+        return float(cells.mean()) if cells.size else math.nan
+
+    middle, first, last = mean_of("middle"), mean_of("first"), mean_of("last")
+    if math.isnan(middle):
+        raise ValueError("the inertia ratio needs at least one middle layer with finite updates")
+    present = [value for value in (first, last) if not math.isnan(value)]
+    if not present:
+        raise ValueError("the inertia ratio needs a first or a last layer with finite updates")
+    edges = float(np.mean(present))
+    if edges > 0.0:
+        ratio = middle / edges
+    else:
+        ratio = math.inf if middle > 0.0 else math.nan
+    return InertiaRatio(ratio, middle, first, last, edges, skip, rounds - skip)
 
 
 def relative_update(current: torch.Tensor, previous: torch.Tensor) -> float:
@@ -81,14 +170,32 @@ class InertiaTracker:
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if isinstance(anchor_round, bool) or not isinstance(anchor_round, int) or anchor_round < 0:
             raise ValueError(f"anchor_round must be an integer >= 0, got {anchor_round!r}")
-        self.layers: List[str] = _tracked_names(model, all_layers)
-        if not self.layers:
+        layers = _tracked_names(model, all_layers)
+        if not layers:
             raise ValueError(f"{type(model).__name__} has no weight tensor to track")
+        self._start(layers, anchor_round, model)
+
+    def _start(self, layers: Sequence[str], anchor_round: int, initial: Weights) -> None:
+        self.layers: List[str] = list(layers)
         self.anchor_round = anchor_round
-        self._previous: Optional[Dict[str, torch.Tensor]] = self._snapshot(model)
+        self._previous: Optional[Dict[str, torch.Tensor]] = self._snapshot(initial)
         self._anchor: Optional[Dict[str, torch.Tensor]] = None
         self._updates: List[List[float]] = []
         self._cosines: List[List[float]] = []
+
+    @classmethod
+    def from_weights(
+        cls, initial: Mapping[str, torch.Tensor], layers: Sequence[str], anchor_round: int = 2
+    ) -> "InertiaTracker":
+        """A tracker of the named tensors of a state dict, without a model: ``initial``
+        is the reference of round 0 (e.g. the first saved checkpoint)."""
+        if isinstance(anchor_round, bool) or not isinstance(anchor_round, int) or anchor_round < 0:
+            raise ValueError(f"anchor_round must be an integer >= 0, got {anchor_round!r}")
+        if isinstance(layers, str) or not layers:
+            raise ValueError(f"layers must be a non-empty sequence of names, got {layers!r}")
+        tracker = cls.__new__(cls)
+        tracker._start(layers, anchor_round, initial)
+        return tracker
 
     # -- recording ----------------------------------------------------------------
     def _snapshot(self, weights: Weights) -> Dict[str, torch.Tensor]:

@@ -1,4 +1,7 @@
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -152,3 +155,108 @@ def test_layer_groups_split_first_middle_last():
     assert groups == {"first layer": range(0, 1), "middle layers (mean)": range(1, 4),
                       "last layer": range(4, 5)}
     assert [label for label, _ in layer_groups(2)] == ["layer 0", "layer 1"]
+
+
+# -- the inertia ratio -------------------------------------------------------------------
+
+def test_inertia_ratio_exact_values_and_warmup():
+    from lips_wrap.diagnostics import inertia_ratio
+
+    updates = np.array([
+        [9.0, 0.4, 0.2],    # first
+        [9.0, 0.1, 0.1],    # middle
+        [9.0, 0.3, 0.1],    # middle
+        [5.0, 5.0, 5.0],    # other: ignored
+        [9.0, 0.2, 0.4],    # last
+    ])
+    roles = ["first", "middle", "middle", "other", "last"]
+    result = inertia_ratio(updates, roles, warmup=1)
+    assert result.middle == pytest.approx(0.15)
+    assert result.first == pytest.approx(0.3) and result.last == pytest.approx(0.3)
+    assert result.edges == pytest.approx(0.3)
+    assert result.ratio == pytest.approx(0.5)
+    assert (result.warmup, result.rounds_used) == (1, 2)
+    assert inertia_ratio(updates, roles, warmup=0).ratio == pytest.approx(
+        np.mean([9, 0.1, 0.1, 9, 0.3, 0.1]) / np.mean([np.mean([9, 0.4, 0.2]),
+                                                       np.mean([9, 0.2, 0.4])]))
+    # default warm-up: 20% of the rounds, rounded down
+    assert inertia_ratio(np.ones((3, 10)), ["first", "middle", "last"]).warmup == 2
+
+
+def test_inertia_ratio_edge_cases_and_errors():
+    from lips_wrap.diagnostics import inertia_ratio
+
+    only_last = inertia_ratio(np.array([[0.2, 0.2], [0.4, 0.4]]), ["middle", "last"])
+    assert only_last.ratio == pytest.approx(0.5) and math.isnan(only_last.first)
+    frozen_edges = inertia_ratio(np.array([[0.0], [0.1], [0.0]]), ["first", "middle", "last"])
+    assert frozen_edges.ratio == math.inf
+    still = inertia_ratio(np.zeros((3, 2)), ["first", "middle", "last"])
+    assert math.isnan(still.ratio)
+    with_inf = inertia_ratio(np.array([[0.2, 0.2], [math.inf, 0.1], [0.2, 0.2]]),
+                             ["first", "middle", "last"], warmup=0)
+    assert with_inf.middle == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="one role per layer"):
+        inertia_ratio(np.ones((2, 3)), ["first"])
+    with pytest.raises(ValueError, match=r"unknown roles \['head'\]"):
+        inertia_ratio(np.ones((2, 3)), ["first", "head"])
+    with pytest.raises(ValueError, match=r"warmup must be an integer in \[0, 2\]"):
+        inertia_ratio(np.ones((2, 3)), ["first", "middle"], warmup=3)
+    with pytest.raises(ValueError, match="at least one middle layer"):
+        inertia_ratio(np.ones((2, 3)), ["first", "last"])
+    with pytest.raises(ValueError, match="needs a first or a last layer"):
+        inertia_ratio(np.ones((2, 3)), ["middle", "other"])
+
+
+def test_threshold_is_one_documented_constant():
+    from lips_wrap import diagnostics
+
+    assert 0.0 < diagnostics.INERTIA_THRESHOLD < 1.0
+    source = Path(diagnostics.__file__).read_text()
+    assert source.count("INERTIA_THRESHOLD: float =") == 1
+    assert "benchmarks/reproduce.py" in source.split("INERTIA_THRESHOLD: float =")[1][:600]
+
+
+def test_from_weights_tracks_named_tensors_without_a_model():
+    first = weights(((1.0, 0.0), (0.0, 1.0)))
+    tracker = InertiaTracker.from_weights(first, ["1.weight", "2.weight"], anchor_round=0)
+    for middle in SEQUENCE[:2]:
+        tracker.update(weights(middle))
+    np.testing.assert_allclose(tracker.relative_update, [[1.0, 0.0], [0.0, 0.0]])
+    np.testing.assert_allclose(tracker.cosine_to_anchor[0], [1.0, 1.0])
+    with pytest.raises(ValueError, match="non-empty sequence of names"):
+        InertiaTracker.from_weights(first, [])
+    with pytest.raises(KeyError, match="lack 1 tracked layers"):
+        InertiaTracker.from_weights(first, ["9.weight"])
+
+
+# -- plots -------------------------------------------------------------------------------
+
+def test_plot_keeps_the_users_matplotlib_backend(tmp_path):
+    """Drawing must neither switch the backend nor leave a pyplot figure open."""
+    pytest.importorskip("matplotlib")
+    script = (
+        "import matplotlib, sys\n"
+        "matplotlib.use('svg')\n"
+        "from test_diagnostics import recorded\n"
+        f"recorded(all_layers=True).plot({str(tmp_path / 'x.png')!r})\n"
+        "import matplotlib.pyplot as plt\n"
+        "print(matplotlib.get_backend(), len(plt.get_fignums()))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=120, cwd=Path(__file__).resolve().parent)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["svg", "0"]
+    assert (tmp_path / "x.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_plot_inertia_takes_groups_and_round_numbers(tmp_path):
+    pytest.importorskip("matplotlib")
+    from lips_wrap._plotting import plot_inertia
+
+    updates = np.array([[0.1, 0.2, 0.3], [0.01, 0.02, 0.0], [0.2, 0.1, 0.1]])
+    path = tmp_path / "g.png"
+    plot_inertia(["a", "b", "c"], updates, path, groups=[("edges", [0, 2]), ("mid", [1])],
+                 rounds=[5, 10, 15])
+    assert path.read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(ValueError, match="2 round numbers for 3 columns"):
+        plot_inertia(["a", "b", "c"], updates, path, rounds=[1, 2])

@@ -126,3 +126,89 @@ def test_core_and_detectors_import_without_timm_transformers_peft():
                             timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+# -- program conventions: name, version, JSON, exit codes -------------------------------
+
+def single_linear():
+    """A model with nothing eligible (one layer: stem and head at once)."""
+    from torch import nn
+
+    return nn.Sequential(nn.Linear(4, 2))
+
+
+def three_linears():
+    from torch import nn
+
+    return nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 2))
+
+
+def test_program_names_itself_and_has_a_version(capsys):
+    import lips_wrap
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"lips-wrap {lips_wrap.__version__}"
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: lips-wrap ")
+    assert "inspect" in out and "diagnose" in out and "exit codes" in out
+
+
+def test_version_is_defined_once_and_matches_the_installed_metadata():
+    from importlib.metadata import version
+    from pathlib import Path
+
+    import lips_wrap
+
+    pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    assert 'dynamic = ["version"]' in pyproject
+    assert 'version = { attr = "lips_wrap.__version__" }' in pyproject
+    assert "\nversion = " not in pyproject.split("[project]")[1].split("\n[")[0]
+    assert version("lips-wrap") == lips_wrap.__version__
+
+
+def test_inspect_json_matches_the_plan(capsys, monkeypatch):
+    import json
+    from pathlib import Path
+
+    from lips_wrap import find_layers
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent))
+    code, out, _ = run(capsys, "test_inspect_cli:three_linears", "--json")
+    assert code == 0
+    data = json.loads(out)
+    plan = find_layers(three_linears())
+    assert data["detector"] == plan.detector == "generic rule (plain torch)"
+    assert data["eligible"] == 1 and data["tensors_total"] == 6
+    assert data["masked_numel"] == 64 and data["total_numel"] == plan.total_numel
+    assert [t["name"] for t in data["tensors"] if t["eligible"]] == ["1.weight"]
+    assert data["tensors"][0] == {"name": "0.weight", "aliases": [], "shape": [8, 4],
+                                  "eligible": False,
+                                  "reason": plan.decisions[0].reason}
+
+
+def test_nothing_eligible_is_a_failed_check_exit_1(capsys, monkeypatch):
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent))
+    code, out, err = run(capsys, "test_inspect_cli:single_linear")
+    assert code == 1
+    assert out.splitlines()[-1].startswith("0 of 2 tensors eligible")
+    assert "check failed: no tensor of Sequential is eligible" in err
+
+
+def test_usage_errors_exit_2(capsys):
+    assert main(["inspect"]) == 2
+    assert "the following arguments are required: model" in capsys.readouterr().err
+    assert main(["inspect", "x:y", "--bogus"]) == 2
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+    assert main([]) == 2
+    code, _, err = run(capsys, "no_colon_here")
+    assert code == 2 and "must look like 'package.module:factory'" in err
+
+
+def test_python_dash_m_reports_the_same_exit_codes():
+    result = subprocess.run([sys.executable, "-m", "lips_wrap", "inspect", "--nope"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.startswith("usage: lips-wrap inspect")
