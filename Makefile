@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 TORCH := torch==2.14.1 torchvision==0.29.1
-EXTRAS := dev,timm,hf,flower,plot,progress
+EXTRAS := dev,docs,timm,hf,flower,plot,progress,safetensors
 STAMP := $(VENV)/.lips-installed
 # FedML 0.9.6 pins protobuf/requests/typer against Flower's: it gets its own venv, used
 # by the FedML tests only. grpcio: FedML's gRPC backend (the cross-silo test).
@@ -11,7 +11,7 @@ FEDML_VENV := .venv-fedml
 FEDML_BIN := $(FEDML_VENV)/bin
 FEDML_STAMP := $(FEDML_VENV)/.lips-installed
 
-.PHONY: demo test lint pytest pytest-fedml wheel-check clean
+.PHONY: demo test lint docs pytest pytest-fedml wheel-check clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,17 +36,24 @@ $(FEDML_STAMP): $(FEDML_BIN)/python pyproject.toml
 demo: $(STAMP)
 	$(BIN)/python examples/digits_cnn.py --out digits_lips.png
 
-test: lint pytest pytest-fedml wheel-check
+test: lint docs pytest pytest-fedml wheel-check
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+
+# The documentation site (mkdocs.yml, docs/), built in strict mode: a broken link, a
+# missing page or an API reference that does not resolve fails the build. The code
+# blocks of the pages are run by tests/test_docs.py (in `pytest`).
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --clean --site-dir build/site
 
 pytest: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 # The FedML adapter's tests, in FedML's own venv (in .venv they skip: no fedml there).
 pytest-fedml: $(FEDML_STAMP)
-	OMP_NUM_THREADS=1 $(FEDML_BIN)/python -m pytest -q tests/integrations/test_fedml.py
+	OMP_NUM_THREADS=1 $(FEDML_BIN)/python -m pytest -q tests/integrations/test_fedml.py \
+		tests/test_docs.py::test_fedml_page_code_blocks
 
 # Proof that `pip install lips-wrap` works with torch and numpy alone: build the wheel,
 # install it into a clean venv holding only a CPU torch, import the package.

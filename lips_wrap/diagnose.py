@@ -272,8 +272,8 @@ class Diagnosis:
         """One paragraph: the decision and the numbers it rests on."""
         r = self.ratio
         used = self.update_rounds[r.warmup:]
-        span = (f"rounds {used[0]}..{used[-1]} ({r.rounds_used} updates, "
-                f"{r.warmup} warm-up updates skipped)")
+        span = (f"rounds {used[0]}..{used[-1]} ({r.rounds_used} updates after a warm-up "
+                f"of {r.warmup})")
         numbers = (f"middle layers' mean relative update {r.middle:.4g}, first layer "
                    f"{r.first:.4g}, last layer {r.last:.4g}: ratio middle / mean(first, "
                    f"last) = {r.ratio:.3f}, threshold {self.threshold:.3f}, over {span}")

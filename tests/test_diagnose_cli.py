@@ -120,7 +120,7 @@ def test_table_and_verdict_state_their_numbers(tmp_path, capsys):
     verdict = lines[-1]
     assert verdict.startswith("verdict: INERTIA")
     assert f"threshold {INERTIA_THRESHOLD:.3f}" in verdict
-    assert "rounds 1..5 (5 updates, 0 warm-up updates skipped)" in verdict
+    assert "rounds 1..5 (5 updates after a warm-up of 0)" in verdict
 
 
 def test_moving_middle_layers_give_no_inertia_and_exit_0(tmp_path, capsys):
