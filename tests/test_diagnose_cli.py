@@ -427,3 +427,33 @@ def test_flower_run_checkpoints(tmp_path, capsys, monkeypatch):
     np.testing.assert_allclose(result["relative_update"],
                                expected_updates(states, result["layers"]), rtol=1e-5)
     assert np.all(np.array(result["relative_update"]) > 0)  # FedAvg moved every layer
+
+
+def test_runs_without_the_optional_packages(tmp_path):
+    """matplotlib, tqdm and safetensors are optional: .pt checkpoints are diagnosed, the
+    CSV and JSON written, and the missing heatmap named with its extra."""
+    stalled_run(tmp_path / "ckpt", rounds=3)
+    script = (
+        "import sys\n"
+        "for name in ('matplotlib', 'tqdm', 'safetensors'): sys.modules[name] = None\n"
+        "from lips_wrap.__main__ import main\n"
+        f"code = main(['diagnose', {str(tmp_path / 'ckpt')!r}, '--out', "
+        f"{str(tmp_path / 'out')!r}])\n"
+        "assert not any(sys.modules.get(n) for n in ('matplotlib', 'tqdm', 'safetensors'))\n"
+        "sys.exit(code)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 1, result.stderr
+    assert "inertia.png not written: the heatmap needs matplotlib: pip install " \
+           "'lips-wrap[plot]'" in result.stderr
+    assert sorted(os.listdir(tmp_path / "out")) == ["inertia.csv", "inertia.json"]
+    (tmp_path / "st").mkdir()
+    for rnd in range(3):
+        (tmp_path / "st" / f"r{rnd}.safetensors").write_bytes(b"x")
+    script = script.replace(str(tmp_path / "ckpt"), str(tmp_path / "st"))
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2
+    assert "r0.safetensors: reading .safetensors needs the safetensors package: pip " \
+           "install 'lips-wrap[safetensors]'" in result.stderr
