@@ -72,15 +72,19 @@ class Checkpoint:
 # -- finding and reading checkpoints ----------------------------------------------------
 
 def round_of(path: Union[str, Path]) -> int:
-    """The round number in a file name: the last run of digits in its stem
-    (``round_12.pt`` -> 12, ``ckpt-r0005.safetensors`` -> 5)."""
-    name = Path(path).name
-    suffix = _suffix(Path(path))
-    numbers = re.findall(r"\d+", name[: len(name) - len(suffix)])
+    """The round number of a checkpoint: the last run of digits in its file name
+    without the ending (``round_12.pt`` -> 12, ``ckpt-r0005.safetensors`` -> 5), or, when
+    the name has none, in its folder's name (``round_7/model.safetensors`` -> 7, as
+    ``save_pretrained`` writes per-round folders)."""
+    path = Path(path)
+    name = path.name
+    numbers = re.findall(r"\d+", name[: len(name) - len(_suffix(path))])
+    if not numbers:
+        numbers = re.findall(r"\d+", path.parent.name)
     if not numbers:
         raise CheckpointError(
-            f"{path}: no round number in the file name; name checkpoints like "
-            "'round_12.pt' so they can be put in order"
+            f"{path}: no round number in the file name (nor in its folder's name); name "
+            "checkpoints like 'round_12.pt' so they can be put in order"
         )
     return int(numbers[-1])
 

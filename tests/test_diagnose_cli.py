@@ -204,6 +204,21 @@ def test_rounds_are_ordered_by_number_not_by_name(tmp_path):
     found = find_checkpoints([str(tmp_path / "model_r*.pt")])
     assert [c.round for c in found] == [1, 2, 10]
     assert round_of("ckpt-v2-round0007.safetensors") == 7
+    assert round_of("runs/round_12/model.safetensors") == 12   # save_pretrained folders
+    with pytest.raises(CheckpointError, match="nor in its folder's name"):
+        round_of("runs/final/model.pt")
+
+
+def test_per_round_folders_as_save_pretrained_writes_them(tmp_path):
+    states = stalled_run(tmp_path / "flat", rounds=3)
+    for rnd, state in zip((10, 2, 1), states):
+        (tmp_path / f"round_{rnd}").mkdir()
+        torch.save(state, tmp_path / f"round_{rnd}" / "model.pt")
+    result = diagnose([str(tmp_path / "round_*" / "model.pt")])
+    assert [c.round for c in result.checkpoints] == [1, 2, 10]
+    np.testing.assert_allclose(result.tracker.relative_update,
+                               expected_updates([states[2], states[1], states[0]], WEIGHTS),
+                               rtol=1e-5)
 
 
 def test_nested_and_list_checkpoints_are_read(tmp_path):
