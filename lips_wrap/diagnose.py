@@ -203,6 +203,12 @@ def load_checkpoint(path: Union[str, Path]) -> Dict[str, torch.Tensor]:
 
 # -- which layers, in which role --------------------------------------------------------
 
+def natural_key(name: str) -> Tuple[Tuple[int, Union[int, str]], ...]:
+    """Sort key that orders the numbers inside names by value (``h.2`` < ``h.10``)."""
+    return tuple((0, int(part)) if part.isdigit() else (1, part)
+                 for part in re.split(r"(\d+)", name) if part)
+
+
 def weight_matrices(state: Mapping[str, torch.Tensor]) -> List[str]:
     """Names of the floating-point tensors with two or more dimensions, in order."""
     return [name for name, t in state.items() if t.is_floating_point() and t.dim() >= 2]
@@ -436,6 +442,13 @@ def diagnose(
             math.isfinite(threshold) and threshold > 0):
         raise ValueError(f"threshold must be a finite number > 0, got {threshold!r}")
     checkpoints = find_checkpoints(paths)
+    updates = len(checkpoints) - 1
+    if warmup is not None and (isinstance(warmup, bool) or not isinstance(warmup, int)
+                               or not 0 <= warmup < updates):
+        raise ValueError(
+            f"warmup {warmup!r} leaves no update: {len(checkpoints)} checkpoints give "
+            f"{updates} updates; use 0..{updates - 1}"
+        )
     states = _states(checkpoints, progress)
     first_checkpoint, first = next(states)
     order_note = ""
@@ -444,8 +457,10 @@ def diagnose(
     else:
         names = weight_matrices(first)
         if first_checkpoint.path.name.lower().endswith(".safetensors"):
-            order_note = ("note: safetensors files do not keep the saving order; first and "
-                          "last layers follow the names' order. Pass --model for the "
+            names = sorted(names, key=natural_key)
+            order_note = ("note: safetensors files do not keep the model's order; the "
+                          "layers are in natural name order (layers.2 before layers.10), "
+                          "which decides the first and last layer. Pass --model for the "
                           "model's order.")
         roles = roles_in_order(names)
     shapes = {}
@@ -458,14 +473,10 @@ def diagnose(
         shapes[name] = tuple(first[name].shape)
     _check(first, shapes, first_checkpoint.path)
     tracker = InertiaTracker.from_weights(first, names)
+    del first  # the tracker holds copies of the tracked tensors only
     for checkpoint, state in states:
         _check(state, shapes, checkpoint.path)
         tracker.update(state)
-    if warmup is not None and not 0 <= warmup < tracker.rounds:
-        raise ValueError(
-            f"warmup {warmup} leaves no update: {len(checkpoints)} checkpoints give "
-            f"{tracker.rounds} updates; use 0..{tracker.rounds - 1}"
-        )
     ratio = inertia_ratio(tracker.relative_update, roles, warmup)
     return Diagnosis(checkpoints, tracker, roles, [shapes[n] for n in names], ratio,
                      float(threshold), order_note)

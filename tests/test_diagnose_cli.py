@@ -187,6 +187,17 @@ def test_simulation_checkpoints(tmp_path, capsys):
 
 # -- formats and ordering ----------------------------------------------------------------
 
+def test_safetensors_without_model_use_natural_name_order(tmp_path):
+    pytest.importorskip("safetensors")
+    from lips_wrap.diagnose import natural_key
+
+    assert sorted(["h.10.w", "h.2.w", "a.w"], key=natural_key) == ["a.w", "h.2.w", "h.10.w"]
+    stalled_run(tmp_path / "ckpt", suffix=".safetensors")
+    result = diagnose([tmp_path / "ckpt"])
+    assert result.tracker.layers == WEIGHTS   # 0, 2, 4, 6: natural order is model order here
+    assert "natural name order" in result.table()
+
+
 @pytest.mark.parametrize("suffix", [".pt", ".npz", ".safetensors"])
 def test_formats_give_the_same_numbers(tmp_path, suffix):
     if suffix == ".safetensors":
