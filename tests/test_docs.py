@@ -192,3 +192,12 @@ def test_every_docs_page_is_in_the_nav():
     listed = set(entries(config["nav"]))
     pages = {str(p.relative_to(DOCS)) for p in DOCS.rglob("*.md")}
     assert pages == listed, (sorted(pages - listed), sorted(listed - pages))
+
+
+def test_diagnostics_page_states_the_current_threshold():
+    from lips_wrap.diagnostics import INERTIA_THRESHOLD
+
+    text = (DOCS / "diagnostics.md").read_text()
+    assert f"`lips_wrap.diagnostics.INERTIA_THRESHOLD` (**{INERTIA_THRESHOLD}**)" in text, (
+        "docs/diagnostics.md must state the threshold's value and where it comes from"
+    )
