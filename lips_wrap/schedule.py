@@ -1,4 +1,4 @@
-"""When LIPS masks, and at what density (LIPS_METHOD.md, step 1).
+"""When LIPS masks, and at what density (the docs' method page, "The schedule").
 
 Rounds are 0-based. The global model produced by aggregating round ``t`` is masked
 when ``t % period == 0``, at density ``d(t) = min(1, d0 + (1 - d0) * t / T)``. A client
