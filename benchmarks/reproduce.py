@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from inertia import group_means  # noqa: E402
+from inertia import group_means, inertia_ratio  # noqa: E402
 from models import ResNet8, vgg_bn  # noqa: E402
 from server_sim import simulate_server  # noqa: E402
 
@@ -48,6 +48,7 @@ from lips_wrap.integrations.synthetic import make_shapes  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LAST = 5  # accuracies are averaged over the last LAST rounds
+EARLY = 20  # the early inertia ratio is taken over rounds 1 .. EARLY - 1
 
 ARMS: Dict[str, Optional[dict]] = {
     "FedAvg": None,
@@ -234,16 +235,30 @@ def summarise(runs: Dict[str, List[dict]]) -> dict:
                     diff = paired(arm_runs, runs[reference], metric)
                     if diff is not None:
                         entry[metric][f"diff_vs_{reference}"] = diff
-        ratios = np.array([r["inertia"]["ratio"] for r in arm_runs if "inertia" in r])
+        # recomputed from the stored curves, so the definition is the current one
+        groups = [group_means(r["relative_update"]) for r in arm_runs
+                  if "relative_update" in r]
+        ratios = np.array([g["ratio"] for g in groups])
         if ratios.size:
             entry["inertia_ratio"] = {"mean": float(ratios.mean()),
                                       "std": float(ratios.std(ddof=1)) if ratios.size > 1
                                       else 0.0,
                                       "min": float(ratios.min()), "max": float(ratios.max()),
                                       "n": int(ratios.size)}
+            unmasked = [inertia_ratio(r["relative_update"], exclude_rounds=r["masked_rounds"])
+                        for r in arm_runs if "relative_update" in r]
+            early = [inertia_ratio(np.array(r["relative_update"])[:, :EARLY], warmup=1)
+                     for r in arm_runs if len(r.get("relative_update", [[]])[0]) > EARLY]
+            if early:
+                entry["inertia_ratio_early"] = {
+                    "rounds": [1, EARLY - 1], "mean": float(np.mean(early)),
+                    "min": float(np.min(early)), "max": float(np.max(early))}
+            if unmasked:
+                entry["inertia_ratio_unmasked_rounds"] = {
+                    "mean": float(np.mean(unmasked)), "min": float(np.min(unmasked)),
+                    "max": float(np.max(unmasked))}
             for group in ("first", "middle", "last"):
-                entry[f"inertia_{group}"] = float(np.mean(
-                    [r["inertia"][group] for r in arm_runs if "inertia" in r]))
+                entry[f"inertia_{group}"] = float(np.mean([g[group] for g in groups]))
         summary[arm] = entry
     return summary
 
@@ -383,6 +398,10 @@ def write_merged(out: Path, name: str, result: dict) -> None:
     order = [a for a in main + ablations if a in result["runs"]] + \
         [a for a in result["runs"] if a not in main + ablations]
     result["runs"] = {a: sorted(result["runs"][a], key=lambda r: r["seed"]) for a in order}
+    for runs in result["runs"].values():
+        for run in runs:
+            if "relative_update" in run:  # stored with the current definition
+                run["inertia"] = group_means(run["relative_update"])
     result["summary"] = summarise(result["runs"])
     partial = out / f"{name}.json.part"
     partial.write_text(json.dumps(result, indent=1))
@@ -519,12 +538,16 @@ def plot_ratio_vs_gain(out: Path, name: str, runs: Dict[str, List[dict]]) -> Non
 
 
 def replot(out: Path) -> None:
-    """Redraw every figure and reprint every table from the JSON files in ``out``."""
+    """Redraw every figure and reprint every table from the JSON files in ``out``,
+    first merging the per-run files of ``runs/<setup>/`` into ``<setup>.json``."""
     for path in sorted(out.glob("*.json")):
         if path.stem.endswith("_inertia"):
             continue
         result = json.loads(path.read_text())
         name = result["config"]["name"]
+        if (out / "runs" / name).is_dir():
+            result = load_finished({name: result["config"]}, out)[name]
+            write_merged(out, name, result)
         plot_curves(name, result["runs"], out / f"{name}_accuracy.png")
         for arm in ("FedAvg", "LIPS", "LIPS server"):
             inertia = out / f"{name}_{arm.replace(' ', '_')}_inertia.json"

@@ -69,10 +69,11 @@ def test_inertia_ratio_definition():
                         [9.0, 0.1, 0.1, 0.1],      # middle
                         [9.0, 0.05, 0.05, 0.05],   # middle
                         [9.0, 0.4, 0.4, 0.4]])     # last layer
-    assert default_warmup(4) == 1 and default_warmup(100) == 10
-    assert inertia_ratio(updates) == pytest.approx(0.075 / 0.3)
+    assert default_warmup(4) == 0 and default_warmup(100) == 20
+    assert inertia_ratio(updates, warmup=1) == pytest.approx(0.075 / 0.3)
     assert inertia_ratio(updates, warmup=0) == pytest.approx(
         (9.0 * 2 + 0.45) / 8 / ((9.0 + 3 * 0.3) / 4))
+    assert inertia_ratio(updates, warmup=0, exclude_rounds=[0]) == pytest.approx(0.25)
     with pytest.raises(ValueError):
         inertia_ratio(updates[:2])
 

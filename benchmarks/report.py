@@ -1,0 +1,73 @@
+"""Markdown tables (as in docs/results.md) from a results JSON of reproduce.py.
+
+    python benchmarks/report.py benchmarks/results/shapes-resnet8-many.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from reproduce import CONTRASTS, summarise  # noqa: E402
+
+
+def _ci(d: Optional[dict]) -> str:
+    if not d:
+        return ""
+    return f"{100 * d['mean']:+.1f} [{100 * d['ci95'][0]:+.1f}, {100 * d['ci95'][1]:+.1f}]"
+
+
+def markdown(result: dict) -> str:
+    """The accuracy table, the contrast table and the inertia table, in points (%)."""
+    summary = summarise(result["runs"])
+    lines: List[str] = [
+        "| arm | seeds | after aggregation | Δ vs FedAvg [95% CI] | before aggregation "
+        "| Δ vs FedAvg [95% CI] |",
+        "|---|---|---|---|---|---|",
+    ]
+    for arm, entry in summary.items():
+        a, b = entry["after_last"], entry["before_last"]
+        lines.append(f"| {arm} | {entry['n']} | {100 * a['mean']:.1f} ± {100 * a['std']:.1f} "
+                     f"| {_ci(a.get('diff_vs_fedavg'))} | {100 * b['mean']:.1f} ± "
+                     f"{100 * b['std']:.1f} | {_ci(b.get('diff_vs_fedavg'))} |")
+    lines += ["", "| contrast (paired) | seeds | Δ after [95% CI] | Δ before [95% CI] |",
+              "|---|---|---|---|"]
+    for contrast, reference in CONTRASTS:
+        if contrast in summary and f"diff_vs_{reference}" in summary[contrast]["after_last"]:
+            a = summary[contrast]["after_last"][f"diff_vs_{reference}"]
+            b = summary[contrast]["before_last"][f"diff_vs_{reference}"]
+            lines.append(f"| {contrast} − {reference} | {a['n_pairs']} | {_ci(a)} | {_ci(b)} |")
+    lines += ["", "| arm | seeds | inertia ratio, mean [min, max] | without mask rounds "
+              "| rounds 1-19 only | first layer | middle layers | last layer |",
+              "|---|---|---|---|---|---|---|---|"]
+    for arm, entry in summary.items():
+        ratio = entry.get("inertia_ratio")
+        if ratio:
+            plain = entry.get("inertia_ratio_unmasked_rounds")
+            plain_cell = (f"{plain['mean']:.2f} [{plain['min']:.2f}, {plain['max']:.2f}]"
+                          if plain else "")
+            early = entry.get("inertia_ratio_early")
+            early_cell = (f"{early['mean']:.2f} [{early['min']:.2f}, {early['max']:.2f}]"
+                          if early else "")
+            lines.append(f"| {arm} | {ratio['n']} | {ratio['mean']:.2f} [{ratio['min']:.2f}, "
+                         f"{ratio['max']:.2f}] | {plain_cell} | {early_cell} | "
+                         f"{entry['inertia_first']:.4f} | "
+                         f"{entry['inertia_middle']:.4f} | {entry['inertia_last']:.4f} |")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("results", type=Path)
+    args = parser.parse_args(argv)
+    print(markdown(json.loads(args.results.read_text())))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
