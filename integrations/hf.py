@@ -1,0 +1,135 @@
+"""LIPS for Hugging Face ``transformers.Trainer``: needs the ``hf`` extra.
+
+A federated client that runs ``Trainer.train()`` once per round gets LIPS from three
+things: a :class:`~lips_wrap.LIPS` built on its model and optimizer, the wrapped
+optimizer handed to the Trainer (``optimizers=(lips.optimizer, None)``: the Trainer
+still builds its LR scheduler around it), and a :class:`LIPSCallback` told the round
+before each ``train()``::
+
+    lips = LIPS(model, torch.optim.AdamW(model.parameters(), lr=5e-5), LIPSConfig(10))
+    callback = LIPSCallback(lips)
+    trainer = Trainer(model=model, args=args, train_dataset=data,
+                      optimizers=(lips.optimizer, None), callbacks=[callback])
+    for rnd in range(10):
+        model.load_state_dict(global_state)       # the FL code's job, as before
+        callback.start_round(rnd)                 # client=cid if one process plays many
+        trainer.train()                           # mask (on mask rounds), then training
+        upload(model.state_dict())
+
+At ``on_train_begin`` (after the Trainer has prepared model and optimizer, before the
+first step) the callback restores the client's LIPS state, clears the optimizer state
+(each round starts from fresh moments, as the paper's clients do; switch off with
+``fresh_optimizer_state=False``) and calls ``lips.on_global_model(round)``; at
+``on_train_end`` it stores the client's LIPS state (its last-step gradients). The
+Trainer may be built once or every round; the callback object is what must persist.
+Gradient accumulation, gradient clipping, LR schedulers and PEFT (LoRA) models work as
+they are: the kept gradient is the one of the last optimizer step.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Hashable, List, Mapping, Optional
+
+from lips_wrap import LIPS, MaskReport
+
+try:
+    from transformers import TrainerCallback
+except ImportError as error:  # pragma: no cover - exercised only without transformers
+    raise ImportError(
+        "lips_wrap.integrations.hf needs transformers: pip install 'lips-wrap[hf]'"
+    ) from error
+
+__all__ = ["LIPSCallback"]
+
+
+def _holds(optimizer: Any, target: Any) -> bool:
+    """Whether ``optimizer`` is ``target`` or wraps it (accelerate's
+    ``AcceleratedOptimizer`` and similar keep the wrapped one in ``.optimizer``)."""
+    seen = set()
+    while optimizer is not None and id(optimizer) not in seen:
+        if optimizer is target:
+            return True
+        seen.add(id(optimizer))
+        optimizer = getattr(optimizer, "optimizer", None)
+    return False
+
+
+class LIPSCallback(TrainerCallback):
+    """A ``TrainerCallback`` that applies LIPS at the start of each ``Trainer.train()``.
+
+    Args:
+        lips: the client's LIPS; the Trainer must train with ``lips.optimizer``.
+        fresh_optimizer_state: clear the optimizer's state (momentum, Adam moments)
+            before each round, as the reference clients do.
+
+    Per-client LIPS states live in the callback, so one process can simulate many
+    clients with one model, one Trainer and one callback (``start_round(rnd, cid)``).
+    """
+
+    def __init__(self, lips: LIPS, fresh_optimizer_state: bool = True) -> None:
+        if not isinstance(lips, LIPS):
+            raise TypeError(f"lips must be a lips_wrap.LIPS, got {type(lips).__name__}")
+        self.lips = lips
+        self.fresh_optimizer_state = fresh_optimizer_state
+        self._fresh: Dict[str, Any] = {**lips.state_dict(), "last_round": None, "grads": {}}
+        self._states: Dict[Hashable, Dict[str, Any]] = {}
+        self._round: Optional[int] = None
+        self._client: Hashable = None
+        self.reports: List[MaskReport] = []
+
+    @property
+    def last_report(self) -> Optional[MaskReport]:
+        """What the last ``on_global_model`` did (None before the first round)."""
+        return self.reports[-1] if self.reports else None
+
+    def start_round(self, round: int, client: Hashable = None) -> None:  # noqa: A002
+        """Declare the round (0-based) and client of the next ``trainer.train()``.
+
+        Call after loading the global weights into the model. ``client`` is any
+        hashable id; leave it None when this process is one client.
+        """
+        if self._round is not None:
+            raise RuntimeError(
+                f"start_round({round}) while round {self._round} of client "
+                f"{self._client!r} has not been trained; call trainer.train() first"
+            )
+        self._round, self._client = int(round), client
+
+    def client_state(self, client: Hashable = None) -> Dict[str, Any]:
+        """The LIPS state kept for ``client`` (a fresh one if it has never trained)."""
+        return self._states.get(client, self._fresh)
+
+    def state_dict(self) -> Dict[str, Any]:
+        """Every client's LIPS state, e.g. to checkpoint a simulation."""
+        return {"clients": dict(self._states)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        if not isinstance(state, Mapping) or "clients" not in state:
+            raise ValueError("not a LIPSCallback state (expected a dict with 'clients')")
+        self._states = dict(state["clients"])
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Restore the client's LIPS state and mask the loaded global model."""
+        if self._round is None:
+            raise RuntimeError(
+                "LIPSCallback: call callback.start_round(round) after loading the global "
+                "weights and before trainer.train()"
+            )
+        optimizer = kwargs.get("optimizer")
+        if optimizer is not None and not _holds(optimizer, self.lips.optimizer):
+            raise ValueError(
+                "the Trainer does not train with lips.optimizer, so LIPS would see no "
+                "gradients: build it with Trainer(..., optimizers=(lips.optimizer, None))"
+            )
+        if self.fresh_optimizer_state:
+            self.lips.optimizer.state.clear()
+        self.lips.load_state_dict(self.client_state(self._client))
+        self.reports.append(self.lips.on_global_model(self._round))
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Keep the client's LIPS state (its last-step gradients) for its next round."""
+        if self._round is None:
+            return
+        self._states[self._client] = self.lips.state_dict()
+        self._round, self._client = None, None
