@@ -403,7 +403,7 @@ def write_merged(out: Path, name: str, result: dict) -> None:
             if "relative_update" in run:  # stored with the current definition
                 run["inertia"] = group_means(run["relative_update"])
     result["summary"] = summarise(result["runs"])
-    partial = out / f"{name}.json.part"
+    partial = out / f"{name}.json.{os.getpid()}.part"
     partial.write_text(json.dumps(result, indent=1))
     partial.replace(out / f"{name}.json")
 
