@@ -544,6 +544,8 @@ def replot(out: Path) -> None:
         if path.stem.endswith("_inertia"):
             continue
         result = json.loads(path.read_text())
+        if not isinstance(result.get("config"), dict) or "name" not in result["config"]:
+            continue  # not a results file of this script
         name = result["config"]["name"]
         if (out / "runs" / name).is_dir():
             result = load_finished({name: result["config"]}, out)[name]
