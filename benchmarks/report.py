@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from reproduce import CONTRASTS, summarise  # noqa: E402
@@ -58,6 +60,17 @@ def markdown(result: dict) -> str:
                          f"{ratio['max']:.2f}] | {plain_cell} | {early_cell} | "
                          f"{entry['inertia_first']:.4f} | "
                          f"{entry['inertia_middle']:.4f} | {entry['inertia_last']:.4f} |")
+    base = {r["seed"]: r for r in result["runs"].get("FedAvg", []) if "inertia" in r}
+    lines += ["", "| arm | seeds | corr(FedAvg ratio, Δ after) | corr(FedAvg ratio, Δ before) |",
+              "|---|---|---|---|"]
+    for arm, runs in result["runs"].items():
+        pairs = [(base[r["seed"]]["inertia"]["ratio"], r["after_last"] - base[r["seed"]][
+            "after_last"], r["before_last"] - base[r["seed"]]["before_last"])
+            for r in runs if arm != "FedAvg" and r["seed"] in base]
+        if len(pairs) >= 3:
+            ratio, after, before = (np.array(column) for column in zip(*pairs))
+            lines.append(f"| {arm} | {len(pairs)} | {np.corrcoef(ratio, after)[0, 1]:+.2f} | "
+                         f"{np.corrcoef(ratio, before)[0, 1]:+.2f} |")
     return "\n".join(lines)
 
 
