@@ -34,7 +34,7 @@ class ClientStates:
         if not isinstance(lips, LIPS):
             raise TypeError(f"ClientStates needs a LIPS, got {type(lips).__name__}")
         self.lips = lips
-        self._fresh = lips.state_dict()
+        self._fresh = {**lips.state_dict(), "last_round": None, "grads": {}}
         self._states: Dict[Hashable, Dict[str, Any]] = (
             {} if carry is None else dict(carry._states)
         )
@@ -57,6 +57,23 @@ class ClientStates:
         if client == self.active:
             return self.lips.state_dict()
         return self._states.get(client, self._fresh)
+
+    def state_dict(self) -> Dict[str, Any]:
+        """Every client's stored state (the active one's current), e.g. to checkpoint
+        a simulation."""
+        self.save()
+        return {"clients": dict(self._states)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned; no client is active afterwards.
+        Each client's state is checked when it is activated."""
+        if not isinstance(state, Mapping) or not isinstance(state.get("clients"), Mapping):
+            raise ValueError(
+                "not a ClientStates state (expected a dict with a 'clients' dict, as "
+                f"ClientStates.state_dict() returns), got {type(state).__name__}"
+            )
+        self._states = dict(state["clients"])
+        self.active = None
 
     def __len__(self) -> int:
         return len(set(self._states) | ({self.active} if self.active is not None else set()))

@@ -54,3 +54,22 @@ def test_server_masker_scores_against_what_it_sent():
     assert set(masker.previous) == set(MIDDLE)
     fresh = ServerMasker(plan, config)
     assert fresh(aggregated, 1)[1].fallback == tuple(MIDDLE)  # no previous: magnitude
+
+
+def test_client_states_checkpoint_round_trip():
+    torch.manual_seed(0)
+    model = SmallCNN()
+    lips = LIPS(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                LIPSConfig(total_rounds=10))
+    clients = ClientStates(lips)
+    clients.activate(0)
+    lips.on_global_model(0)
+    train_steps(model, lips.optimizer)
+    saved = clients.state_dict()
+    assert saved["clients"][0]["last_round"] == 0
+    other = ClientStates(lips)
+    other.load_state_dict(saved)
+    other.activate(0)
+    assert lips.state_dict()["last_round"] == 0
+    with pytest.raises(ValueError, match="'clients'"):
+        other.load_state_dict({"states": {}})
