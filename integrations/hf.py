@@ -86,9 +86,10 @@ class LIPSCallback(TrainerCallback):
         """Declare the round (0-based) and client of the next ``trainer.train()``.
 
         Call after loading the global weights into the model. ``client`` is any
-        hashable id; leave it None when this process is one client.
+        hashable id; leave it None when this process is one client. Declaring the same
+        round and client again (a retry after a failed ``train()``) is allowed.
         """
-        if self._round is not None:
+        if self._round is not None and (self._round, self._client) != (int(round), client):
             raise RuntimeError(
                 f"start_round({round}) while round {self._round} of client "
                 f"{self._client!r} has not been trained; call trainer.train() first"

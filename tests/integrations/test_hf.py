@@ -203,6 +203,7 @@ def test_errors(tmp_path):
     with pytest.raises(ValueError, match="optimizers=\\(lips.optimizer, None\\)"):
         wrong.train()
     callback.start_round(0)
+    callback.start_round(0)  # a retry of the same round is allowed
     with pytest.raises(RuntimeError, match="has not been trained"):
         callback.start_round(1)
     with pytest.raises(TypeError, match="lips_wrap.LIPS"):
