@@ -28,6 +28,9 @@ def markdown(result: dict) -> str:
     """The accuracy table, the contrast table and the inertia table, in points (%)."""
     summary = summarise(result["runs"])
     lines: List[str] = [
+        "**Personalized accuracy** (%, mean ± std over seeds of the last-5-round means; Δ: "
+        "paired difference to FedAvg in points, 95% t-interval):",
+        "",
         "| arm | seeds | after aggregation | Δ vs FedAvg [95% CI] | before aggregation "
         "| Δ vs FedAvg [95% CI] |",
         "|---|---|---|---|---|---|",
@@ -37,14 +40,19 @@ def markdown(result: dict) -> str:
         lines.append(f"| {arm} | {entry['n']} | {100 * a['mean']:.1f} ± {100 * a['std']:.1f} "
                      f"| {_ci(a.get('diff_vs_fedavg'))} | {100 * b['mean']:.1f} ± "
                      f"{100 * b['std']:.1f} | {_ci(b.get('diff_vs_fedavg'))} |")
-    lines += ["", "| contrast (paired) | seeds | Δ after [95% CI] | Δ before [95% CI] |",
+    lines += ["", "**Contrasts between LIPS arms** (points, paired on the seeds both ran):",
+              "", "| contrast (paired) | seeds | Δ after [95% CI] | Δ before [95% CI] |",
               "|---|---|---|---|"]
     for contrast, reference in CONTRASTS:
         if contrast in summary and f"diff_vs_{reference}" in summary[contrast]["after_last"]:
             a = summary[contrast]["after_last"][f"diff_vs_{reference}"]
             b = summary[contrast]["before_last"][f"diff_vs_{reference}"]
             lines.append(f"| {contrast} − {reference} | {a['n_pairs']} | {_ci(a)} | {_ci(b)} |")
-    lines += ["", "| arm | seeds | inertia ratio, mean [min, max] | without mask rounds "
+    lines += ["", "**Inertia ratio** of the global model under each arm (mean [min, max] over "
+              "seeds; rounds 20-99; also without the rounds whose clients started from a "
+              "masked model, and over rounds 1-19 only) and the mean relative update per "
+              "round of each group over rounds 20-99:", "",
+              "| arm | seeds | inertia ratio, mean [min, max] | without mask rounds "
               "| rounds 1-19 only | first layer | middle layers | last layer |",
               "|---|---|---|---|---|---|---|---|"]
     for arm, entry in summary.items():
@@ -61,7 +69,9 @@ def markdown(result: dict) -> str:
                          f"{entry['inertia_first']:.4f} | "
                          f"{entry['inertia_middle']:.4f} | {entry['inertia_last']:.4f} |")
     base = {r["seed"]: r for r in result["runs"].get("FedAvg", []) if "inertia" in r}
-    lines += ["", "| arm | seeds | corr(FedAvg ratio, Δ after) | corr(FedAvg ratio, Δ before) |",
+    lines += ["", "**Does FedAvg's inertia ratio predict the gain?** Pearson correlation, "
+              "over seeds, of FedAvg's ratio with the arm's paired gain on that seed:", "",
+              "| arm | seeds | corr(FedAvg ratio, Δ after) | corr(FedAvg ratio, Δ before) |",
               "|---|---|---|---|"]
     for arm, runs in result["runs"].items():
         pairs = [(base[r["seed"]]["inertia"]["ratio"], r["after_last"] - base[r["seed"]][
