@@ -38,13 +38,13 @@ from models import ResNet8, vgg_bn  # noqa: E402
 from server_sim import simulate_server  # noqa: E402
 
 from lips_wrap import InertiaTracker, LIPSConfig  # noqa: E402
+from lips_wrap.data import make_shapes  # noqa: E402
 from lips_wrap.integrations.custom import (  # noqa: E402
     dirichlet_split,
     label_distribution,
     matched_split,
     simulate,
 )
-from lips_wrap.integrations.synthetic import make_shapes  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LAST = 5  # accuracies are averaged over the last LAST rounds

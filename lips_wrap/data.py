@@ -16,6 +16,8 @@ from typing import Tuple
 import numpy as np
 import torch
 
+__all__ = ["NUM_CLASSES", "SHAPES", "TEXTURES", "make_shapes"]
+
 SHAPES = ("disk", "square", "triangle", "ring", "cross")
 TEXTURES = ("stripes", "checks")
 NUM_CLASSES = len(SHAPES) * len(TEXTURES)

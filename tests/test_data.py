@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from lips_wrap.integrations.synthetic import NUM_CLASSES, make_shapes
+from lips_wrap.data import NUM_CLASSES, make_shapes
 
 
 def test_same_seed_same_images_other_seed_other_images():
