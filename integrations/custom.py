@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lips_wrap import LIPS, ClientStates, LIPSConfig
+from lips_wrap import LIPS, ClientStates, LIPSConfig, ServerMasker, find_layers
 
 __all__ = [
     "RoundRecord", "dirichlet_split", "fedavg", "label_distribution", "local_train",
@@ -245,6 +245,7 @@ def simulate(
     lips_config: Optional[LIPSConfig] = None,
     seed: int = 0,
     callbacks: Sequence[RoundCallback] = (),
+    server_side: bool = False,
 ) -> List[RoundRecord]:
     """FedAvg (or FedAvg+LIPS with ``lips_config``) over all clients every round.
 
@@ -252,8 +253,11 @@ def simulate(
     LIPS) restores the client's LIPS state and calls ``on_global_model(round)``, trains
     ``epochs`` local epochs with an optimizer whose state is fresh each round (as the
     reference), and uploads. The server averages the uploads weighted by client size.
-    Deterministic given ``seed`` (model initialisation and batch order) and one torch
-    thread.
+    With ``server_side=True`` the clients keep no gradients: the server masks the
+    global model before sending it (:class:`lips_wrap.ServerMasker`, scores
+    ``|delta * W|``). Deterministic given ``seed`` (model initialisation and batch
+    order) and one torch thread; every variant consumes the same random numbers, so
+    runs on one seed are paired. Callbacks see the aggregated, unmasked model.
     """
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
@@ -270,8 +274,11 @@ def simulate(
     torch.manual_seed(seed)
     model = model_factory()
     optimizer = optimizer_factory(model.parameters())
-    lips = clients = None
-    if lips_config is not None:
+    lips = clients = server = None
+    if lips_config is not None and server_side:
+        plan = find_layers(model, lips_config.include, lips_config.exclude)
+        server = ServerMasker(plan, lips_config)
+    elif lips_config is not None:
         lips = LIPS(model, optimizer, lips_config)
         optimizer = lips.optimizer
         clients = ClientStates(lips)
@@ -281,8 +288,12 @@ def simulate(
     history: List[RoundRecord] = []
     for rnd in range(rounds):
         uploads, before, after, losses, masked = [], [], [], [], False
+        sent = global_state
+        if server is not None:
+            sent, report = server(global_state, rnd)
+            masked = report.masked
         for cid, indices in enumerate(train_indices):
-            model.load_state_dict(global_state)
+            model.load_state_dict(sent)
             optimizer.state.clear()
             if lips is not None and clients is not None:
                 clients.activate(cid)

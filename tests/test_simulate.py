@@ -20,11 +20,12 @@ def mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
 
 
-def run(config=None, callbacks=(), seed=0, rounds=4):
+def run(config=None, callbacks=(), seed=0, rounds=4, server_side=False):
     inputs, targets, train, tests = tiny_task()
     return simulate(mlp, inputs, targets, train, tests, rounds=rounds, epochs=2, batch_size=8,
                     optimizer_factory=lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
-                    lips_config=config, seed=seed, callbacks=callbacks)
+                    lips_config=config, seed=seed, callbacks=callbacks,
+                    server_side=server_side)
 
 
 def test_same_seed_gives_identical_histories_and_another_seed_differs():
@@ -69,3 +70,16 @@ def test_bad_arguments_are_named():
         run(LIPSConfig(total_rounds=9))
     with pytest.raises(ValueError, match="rounds must be >= 1"):
         run(rounds=0)
+
+
+def test_server_side_masks_the_sent_model_on_mask_rounds_only():
+    config = LIPSConfig(total_rounds=6, period=2, start_density=0.5)
+    seen = []
+    server = run(config, rounds=6, server_side=True,
+                 callbacks=[lambda rnd, model, history: seen.append(rnd)])
+    plain = run(None, rounds=6)
+    assert [r.masked for r in server] == [False, True, False, True, False, True]
+    assert seen == list(range(6))
+    # round 0 trains the same unmasked model, so both variants agree until the first mask
+    assert server[0].before == plain[0].before
+    assert [r.before for r in server[1:]] != [r.before for r in plain[1:]]
