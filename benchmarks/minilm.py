@@ -2,7 +2,7 @@
 LIPS in the fine-tuning mode (dropped entries return to the pretrained weights), and
 FedAvg / LIPS on LoRA adapters only. Offline; CPU; paired seeds.
 
-    OMP_NUM_THREADS=1 nice -n 5 python benchmarks/minilm.py            # full run (~40 CPU min)
+    OMP_NUM_THREADS=1 nice -n 5 python benchmarks/minilm.py            # full run (~20 CPU min)
     python benchmarks/minilm.py --resume                                # continue a stopped run
     python benchmarks/minilm.py --quick                                 # smoke run, results/quick/
     python benchmarks/minilm.py --replot                                # table + figure from JSON
@@ -53,7 +53,7 @@ SETUP: Dict[str, Any] = {
     "clients": 6, "train_pool": 96, "alpha": 0.3, "rounds": 6, "period": 2,
     "start_density": 0.5, "epochs": 1, "batch_size": 16, "max_length": 20, "lr": 4e-4,
     "lora_lr": 5e-3, "lora_r": 8, "per_class": 120, "balanced_test_per_class": 10,
-    "personal_test": 16, "eval_every": 3, "seeds": 5,
+    "personal_test": 16, "eval_every": 3, "seeds": 10,
 }
 """Sized for the shared 2-core machine (about 2 CPU minutes per seed, all arms)."""
 
