@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, Hashable, List, Mapping, Optional
 
-from lips_wrap import LIPS, MaskReport
+from lips_wrap import LIPS, ClientStates, MaskReport
 
 try:
     from transformers import TrainerCallback
@@ -71,8 +71,7 @@ class LIPSCallback(TrainerCallback):
             raise TypeError(f"lips must be a lips_wrap.LIPS, got {type(lips).__name__}")
         self.lips = lips
         self.fresh_optimizer_state = fresh_optimizer_state
-        self._fresh: Dict[str, Any] = {**lips.state_dict(), "last_round": None, "grads": {}}
-        self._states: Dict[Hashable, Dict[str, Any]] = {}
+        self._clients = ClientStates(lips)
         self._round: Optional[int] = None
         self._client: Hashable = None
         self.reports: List[MaskReport] = []
@@ -96,19 +95,17 @@ class LIPSCallback(TrainerCallback):
             )
         self._round, self._client = int(round), client
 
-    def client_state(self, client: Hashable = None) -> Dict[str, Any]:
+    def client_state(self, client: Hashable = None) -> Mapping[str, Any]:
         """The LIPS state kept for ``client`` (a fresh one if it has never trained)."""
-        return self._states.get(client, self._fresh)
+        return self._clients.state_of(client)
 
     def state_dict(self) -> Dict[str, Any]:
         """Every client's LIPS state, e.g. to checkpoint a simulation."""
-        return {"clients": dict(self._states)}
+        return self._clients.state_dict()
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned."""
-        if not isinstance(state, Mapping) or "clients" not in state:
-            raise ValueError("not a LIPSCallback state (expected a dict with 'clients')")
-        self._states = dict(state["clients"])
+        self._clients.load_state_dict(state)
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Restore the client's LIPS state and mask the loaded global model."""
@@ -125,12 +122,13 @@ class LIPSCallback(TrainerCallback):
             )
         if self.fresh_optimizer_state:
             self.lips.optimizer.state.clear()
-        self.lips.load_state_dict(self.client_state(self._client))
+        # a retry of a failed round starts again from the state stored before it
+        self._clients.activate(self._client, save_active=False)
         self.reports.append(self.lips.on_global_model(self._round))
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Keep the client's LIPS state (its last-step gradients) for its next round."""
         if self._round is None:
             return
-        self._states[self._client] = self.lips.state_dict()
+        self._clients.save()
         self._round, self._client = None, None

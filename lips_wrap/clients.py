@@ -12,6 +12,9 @@ from typing import Any, Dict, Hashable, Mapping, Optional
 
 from .lips import LIPS
 
+_NO_CLIENT = object()
+"""``active`` before any client was activated (``None`` is a valid client id)."""
+
 
 class ClientStates:
     """Per-client LIPS states for ``lips``, keyed by any hashable client id.
@@ -38,24 +41,24 @@ class ClientStates:
         self._states: Dict[Hashable, Dict[str, Any]] = (
             {} if carry is None else dict(carry._states)
         )
-        self.active: Optional[Hashable] = None
+        self.active: Hashable = _NO_CLIENT
 
-    def activate(self, client: Hashable) -> None:
-        """Save the active client's state, then make ``client``'s state the LIPS's
-        (a fresh one for a client seen for the first time)."""
-        self.save()
+    def activate(self, client: Hashable, save_active: bool = True) -> None:
+        """Save the active client's state (unless ``save_active`` is False, e.g. to
+        retry a failed round from the state stored before it), then make ``client``'s
+        stored state the LIPS's (a fresh one for a client seen for the first time)."""
+        if save_active:
+            self.save()
         self.lips.load_state_dict(self._states.get(client, self._fresh))
         self.active = client
 
     def save(self) -> None:
         """Store the active client's current state (done by :meth:`activate` too)."""
-        if self.active is not None:
+        if self.active is not _NO_CLIENT:
             self._states[self.active] = self.lips.state_dict()
 
     def state_of(self, client: Hashable) -> Mapping[str, Any]:
-        """The stored state of ``client`` (the live one if it is active)."""
-        if client == self.active:
-            return self.lips.state_dict()
+        """The stored state of ``client`` (a fresh one for a client never stored)."""
         return self._states.get(client, self._fresh)
 
     def state_dict(self) -> Dict[str, Any]:
@@ -73,7 +76,8 @@ class ClientStates:
                 f"ClientStates.state_dict() returns), got {type(state).__name__}"
             )
         self._states = dict(state["clients"])
-        self.active = None
+        self.active = _NO_CLIENT
 
     def __len__(self) -> int:
-        return len(set(self._states) | ({self.active} if self.active is not None else set()))
+        """Clients with a stored state."""
+        return len(self._states)

@@ -222,7 +222,7 @@ def test_fresh_optimizer_state_and_state_dict(tmp_path):
     restored.load_state_dict(saved)
     assert restored.client_state(1) is saved["clients"][1]
     assert restored.client_state("new")["last_round"] is None
-    with pytest.raises(ValueError, match="not a LIPSCallback state"):
+    with pytest.raises(ValueError, match="a dict with a .clients. dict"):
         restored.load_state_dict({"grads": {}})
 
 
