@@ -5,7 +5,7 @@
     python benchmarks/reproduce.py --verify benchmarks/results/shapes-resnet8.json \
         --arm LIPS --seed 0                    # rerun one committed run, compare exactly
 
-Regime (LIPS_METHOD.md, "Reference settings"): ~100 training samples per client,
+Regime (the paper's reference settings, see docs/method.md): ~100 training samples per client,
 Dirichlet(0.1) label split, all clients every round, 5 local epochs, SGD lr 0.1
 momentum 0.9 with fresh optimizer state each round, batch up to 100, BatchNorm models,
 personalized test sets (each client's follows its own label distribution), accuracy

@@ -50,6 +50,8 @@ except ImportError as error:  # pragma: no cover - exercised only without flwr
         "lips_wrap.integrations.flower needs Flower: pip install 'lips-wrap[flower]'"
     ) from error
 
+__all__ = ["LIPSStrategy", "lips_round", "lips_train", "report_metrics", "show_lips_logs"]
+
 logger = logging.getLogger(__name__)
 
 SERVER_ROUND_KEY = "server-round"
