@@ -7,11 +7,15 @@ from conftest import MIDDLE, SmallCNN, train_steps
 from lips_wrap import LIPS, ClientStates, LIPSConfig, ServerMasker, find_layers
 
 
-def test_each_client_keeps_its_own_gradients():
+def small_lips():
     torch.manual_seed(0)
     model = SmallCNN()
-    lips = LIPS(model, torch.optim.SGD(model.parameters(), lr=0.1),
-                LIPSConfig(total_rounds=10))
+    return model, LIPS(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                       LIPSConfig(total_rounds=10))
+
+
+def test_each_client_keeps_its_own_gradients():
+    model, lips = small_lips()
     clients = ClientStates(lips)
     kept = {}
     for cid, seed in (("a", 1), ("b", 2)):
@@ -58,10 +62,7 @@ def test_server_masker_scores_against_what_it_sent():
 
 
 def test_client_states_checkpoint_round_trip():
-    torch.manual_seed(0)
-    model = SmallCNN()
-    lips = LIPS(model, torch.optim.SGD(model.parameters(), lr=0.1),
-                LIPSConfig(total_rounds=10))
+    model, lips = small_lips()
     clients = ClientStates(lips)
     clients.activate(0)
     lips.on_global_model(0)
