@@ -1,7 +1,10 @@
 """FedAvg vs FedAvg+LIPS in the paper's low-data regime, scaled to a small CPU machine.
 
-    python benchmarks/reproduce.py --quick     # a few minutes: both arms, 2 seeds, small
-    python benchmarks/reproduce.py             # the full run (~50 min, 1 thread)
+    python benchmarks/reproduce.py --quick     # a few minutes: every setup, small sizes
+    python benchmarks/reproduce.py --setup shapes-resnet8-many --workers 2 --resume
+                                               # issue 12: 20 clients x 100 rounds, 5 arms,
+                                               # 40 runs, ~100 min on 2 free cores
+    python benchmarks/reproduce.py --replot    # figures and tables from the JSON files
     python benchmarks/reproduce.py --verify benchmarks/results/shapes-resnet8.json \
         --arm LIPS --seed 0                    # rerun one committed run, compare exactly
 
