@@ -38,7 +38,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from inertia import group_means, inertia_ratio  # noqa: E402
 from models import ResNet8, vgg_bn  # noqa: E402
-from server_sim import simulate_server  # noqa: E402
 
 from lips_wrap import InertiaTracker, LIPSConfig  # noqa: E402
 from lips_wrap.data import make_shapes  # noqa: E402
@@ -171,10 +170,10 @@ def run_one(setup: dict, arm: str, seed: int, progress: Optional[tqdm] = None,
             progress.set_postfix(arm=arm, seed=seed, before=f"{history[-1].before:.3f}")
         callbacks.append(tick)
     start = time.process_time()
-    history = (simulate_server if side == "server" else simulate)(
+    history = simulate(
         factory, x, y, train, tests, setup["rounds"], setup["epochs"], setup["batch_size"],
         lambda params: torch.optim.SGD(params, lr=setup["lr"], momentum=setup["momentum"]),
-        lips, seed=seed, callbacks=callbacks,
+        lips, seed=seed, callbacks=callbacks, server_side=side == "server",
     )
     if tracker_out is not None:
         tracker.to_json(tracker_out.with_suffix(".json"))

@@ -78,29 +78,6 @@ def test_inertia_ratio_definition():
         inertia_ratio(updates[:2])
 
 
-def test_server_side_loop_without_mask_is_fedavg():
-    reproduce = _reproduce()
-    from server_sim import simulate_server
-
-    from lips_wrap.integrations.custom import simulate
-
-    setup = _tiny_setup(reproduce)
-    x, y, train, tests = reproduce.load_task(setup, seed=0)
-    assert x.shape[-1] == 8
-    args = (reproduce.model_factory(setup), x, y, train, tests, 3, 1, 100,
-            lambda p: torch_sgd(p))
-    ours = simulate_server(*args, seed=0)
-    theirs = simulate(*args, seed=0)
-    assert [r.before for r in ours] == [r.before for r in theirs]
-    assert [r.after for r in ours] == [r.after for r in theirs]
-
-
-def torch_sgd(params):
-    import torch
-
-    return torch.optim.SGD(params, lr=0.1, momentum=0.9)
-
-
 def test_many_clients_setup_runs_every_arm_and_resumes(tmp_path):
     reproduce = _reproduce()
     pytest.importorskip("matplotlib")
