@@ -72,7 +72,7 @@ FULL = {
                    "seeds": 5, "ablation_seeds": 0, "test_per_client": 100},
     "shapes-resnet8": {"task": "shapes", "model": "resnet8", "clients": 5, "rounds": 25,
                        "seeds": 10, "ablation_seeds": 5, "test_per_client": 100},
-    # issue 12: many clients, many rounds, the regime where FedAvg shows inertia
+    # the paper's regime scaled down: many clients, little data each, many rounds
     "shapes-resnet8-many": {"task": "shapes", "model": "resnet8", "clients": 20,
                             "rounds": 100, "seeds": 10, "ablation_seeds": 5,
                             "test_per_client": 100, "resolution": 16,

@@ -129,8 +129,10 @@ class LIPS:
     def _checked_tensors(
         self, tensors: object, key: str, what: str, exact: bool
     ) -> Dict[str, torch.Tensor]:
-        """Validate a name -> tensor mapping for the eligible parameters and return
-        copies (the parameter's dtype when ``exact``, else ``grad_dtype``)."""
+        """Validate a name -> tensor mapping for the eligible parameters. ``exact``
+        (reference weights): every eligible name, finite, returned as copies in the
+        parameter's dtype. Otherwise (stored gradients): any subset, no NaN, returned
+        as given (``set_captured_grad`` copies them into their buffers)."""
         if not isinstance(tensors, Mapping):
             raise ValueError(
                 f"{key} must be a dict of parameter name -> tensor, got "
@@ -148,7 +150,7 @@ class LIPS:
                 raise ValueError(
                     f"{key} lacks {len(absent)} of the eligible tensors, e.g. {absent[0]}"
                 )
-        copies = {}
+        checked = {}
         for name, tensor in tensors.items():
             param = self._params[name]
             if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
@@ -162,13 +164,14 @@ class LIPS:
                     f"parameter has {tuple(param.shape)}"
                 )
             if exact and tensor is self._reference.get(name):
-                copies[name] = tensor  # our own reference, restored: already checked
+                checked[name] = tensor  # our own reference, restored: already checked
                 continue
             check_finite(tensor, f"{key}[{name!r}]", allow_inf=not exact)
-            device = self.config.grad_device or param.device
-            dtype = param.dtype if exact else self.config.grad_dtype
-            copies[name] = tensor.detach().to(device=device, dtype=dtype, copy=True)
-        return copies
+            if exact:
+                device = self.config.grad_device or param.device
+                tensor = tensor.detach().to(device=device, dtype=param.dtype, copy=True)
+            checked[name] = tensor
+        return checked
 
     def on_global_model(self, round: int) -> MaskReport:  # noqa: A002 (contract name)
         """Call right after loading the global model, before training round ``round``.

@@ -250,6 +250,7 @@ def _unscaled(grads: List[torch.Tensor], grad_scale: torch.Tensor) -> List[torch
     by_device: Dict[torch.device, torch.Tensor] = {}
     out = []
     for grad in grads:
-        scale = by_device.setdefault(grad.device, grad_scale.to(grad.device, torch.float32))
-        out.append(grad.to(torch.float32) / scale)
+        if grad.device not in by_device:
+            by_device[grad.device] = grad_scale.to(grad.device, torch.float32)
+        out.append(grad.to(torch.float32) / by_device[grad.device])
     return out
