@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
@@ -108,3 +109,66 @@ def test_many_clients_setup_runs_every_arm_and_resumes(tmp_path):
     assert [r["seed"] for r in result["runs"]["LIPS random"]] == [0]
     again = reproduce.run_one(more, "LIPS", 1)
     assert again["before"] == result["runs"]["LIPS"][1]["before"]
+
+
+# -- the reference-width setup: channels_last is a speed option, never a change of model --
+
+def test_channels_last_option_keeps_the_model_and_masks_exactly():
+    reproduce = _reproduce()
+    from lips_wrap import LIPSConfig, find_layers, mask_global_state
+    from lips_wrap.masking import keep_count
+
+    setup = {**_tiny_setup(reproduce), "channels_last": True}
+    x, _, _, _ = reproduce.load_task(setup, 0)
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    torch.manual_seed(0)
+    fast = reproduce.model_factory(setup)()
+    torch.manual_seed(0)
+    plain = reproduce.model_factory({**setup, "channels_last": False})()
+    for (name, a), (_, b) in zip(fast.state_dict().items(), plain.state_dict().items()):
+        assert torch.equal(a, b), name  # the same weights, only stored differently
+        if a.dim() == 4:
+            assert a.is_contiguous(memory_format=torch.channels_last), name
+    config = LIPSConfig(total_rounds=10, start_density=0.3)
+    plan = find_layers(fast)
+    previous = {k: v * 0.9 for k, v in fast.state_dict().items()}
+    masked_fast, _ = mask_global_state(fast.state_dict(), previous, plan, 1, config)
+    masked_plain, _ = mask_global_state(
+        plain.state_dict(), {k: v.contiguous() for k, v in previous.items()}, plan, 1, config)
+    for name in plan.eligible_names:
+        kept = masked_fast[name] != 0
+        assert int(kept.sum()) == keep_count(kept.numel(), 0.3), name
+        assert torch.equal(masked_fast[name], masked_plain[name]), name
+
+
+def test_reference_setup_is_the_many_clients_setup_at_reference_widths():
+    reproduce = _reproduce()
+    many, ref = reproduce.FULL["shapes-resnet8-many"], reproduce.FULL["shapes-resnet8-ref"]
+    assert ref["widths"] == [16, 32, 64] and ref["channels_last"] is True
+    assert {k: v for k, v in ref.items() if k not in ("widths", "channels_last")} == \
+        {k: v for k, v in many.items() if k != "widths"}
+    assert ref["clients"] >= 20 and ref["rounds"] >= 100
+    assert ref["seeds"] >= 10 and ref["ablation_seeds"] >= 5
+
+
+def test_inertia_search_runs_fedavg_per_variant_and_resumes(tmp_path):
+    reproduce = _reproduce()
+    import inertia_search
+
+    base = _tiny_setup(reproduce)
+    variants = [{"clients": 3, "widths": [4, 4, 8], "resolution": 8},
+                {"clients": 4, "widths": [4, 8, 8], "resolution": 8}]
+    out = tmp_path / "search.json"
+    results = inertia_search.search(variants[:1], out, rounds=5, base=base)
+    assert list(results) == ["c3_w4-4-8_r8_t5"]
+    entry = results["c3_w4-4-8_r8_t5"]
+    assert entry["config"]["rounds"] == 5 and entry["config"]["clients"] == 3
+    assert len(entry["relative_update"]) == len(entry["inertia_layers"]) >= 3
+    assert len(entry["relative_update"][0]) == 5
+    assert entry["inertia"]["ratio"] > 0
+    stored = json.loads(out.read_text())
+    assert stored["c3_w4-4-8_r8_t5"]["inertia"] == entry["inertia"]
+    # resuming runs only the new variant and keeps the first one as it was
+    again = inertia_search.search(variants, out, rounds=5, base=base, resume=True)
+    assert list(again) == ["c3_w4-4-8_r8_t5", "c4_w4-8-8_r8_t5"]
+    assert again["c3_w4-4-8_r8_t5"] == stored["c3_w4-4-8_r8_t5"]
