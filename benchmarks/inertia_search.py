@@ -93,6 +93,21 @@ def line(name: str, result: dict) -> str:
             f"before {result['before_last']:.3f}, {result['cpu_seconds']:.0f} cpu s")
 
 
+def markdown(results: Dict[str, dict]) -> str:
+    """The search as a Markdown table (accuracies in %), in the order of ``results``."""
+    rows = ["| clients | widths | image | rounds | FedAvg inertia ratio | first | middle "
+            "| last | after agg. | before agg. | CPU s |", "|---|---|---|---|---|---|---|---|"
+            "---|---|---|"]
+    for result in results.values():
+        c, g = result["config"], result["inertia"]
+        rows.append(f"| {c['clients']} | {'/'.join(map(str, c['widths']))} | "
+                    f"{c['resolution']}x{c['resolution']} | {c['rounds']} | "
+                    f"**{g['ratio']:.2f}** | {g['first']:.3f} | {g['middle']:.3f} | "
+                    f"{g['last']:.3f} | {100 * result['after_last']:.1f} | "
+                    f"{100 * result['before_last']:.1f} | {result['cpu_seconds']:.0f} |")
+    return "\n".join(rows)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=30)
@@ -100,7 +115,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--resume", action="store_true",
                         help=f"keep the variants already in {OUT.name}")
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--table", action="store_true",
+                        help="only print the Markdown table of the results in --out")
     args = parser.parse_args(argv)
+    if args.table:
+        print(markdown(json.loads(args.out.read_text())))
+        return 0
     results = search(VARIANTS, args.out, args.rounds, args.workers, args.resume)
     for name, result in results.items():
         print(line(name, result))

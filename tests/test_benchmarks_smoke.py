@@ -172,3 +172,5 @@ def test_inertia_search_runs_fedavg_per_variant_and_resumes(tmp_path):
     again = inertia_search.search(variants, out, rounds=5, base=base, resume=True)
     assert list(again) == ["c3_w4-4-8_r8_t5", "c4_w4-8-8_r8_t5"]
     assert again["c3_w4-4-8_r8_t5"] == stored["c3_w4-4-8_r8_t5"]
+    table = inertia_search.markdown(again).splitlines()
+    assert len(table) == 4 and table[2].startswith("| 3 | 4/4/8 | 8x8 | 5 | **")
