@@ -121,6 +121,9 @@ def _parser() -> argparse.ArgumentParser:
                       help="with --model: take matching names out of the middle (repeatable)")
     diag.add_argument("--warmup", type=int, default=None, metavar="N",
                       help="updates skipped before averaging (default: the first 20%%)")
+    diag.add_argument("--windows", type=int, default=None, metavar="N",
+                      help="also report the ratio over N consecutive spans of rounds "
+                           "(default 5)")
     diag.add_argument("--threshold", type=float, default=INERTIA_THRESHOLD, metavar="X",
                       help=f"ratio below which the middle layers stall "
                            f"(default {INERTIA_THRESHOLD})")
@@ -180,7 +183,8 @@ def _run_diagnose(args: argparse.Namespace) -> int:
             raise ValueError("--include and --exclude need --model (they select its layers)")
         progress = _progress_bar(args.progress, len(find_checkpoints(args.paths)))
         result = diagnose(args.paths, model, plan, warmup=args.warmup,
-                          threshold=args.threshold, progress=progress)
+                          threshold=args.threshold, progress=progress,
+                          windows=args.windows)
     except (CheckpointError, ValueError, TypeError, ImportError, AttributeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE

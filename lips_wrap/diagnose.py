@@ -15,7 +15,7 @@ import glob
 import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import (
     Any,
@@ -39,7 +39,9 @@ from .diagnostics import (
     INERTIA_THRESHOLD,
     InertiaRatio,
     InertiaTracker,
+    WindowRatio,
     inertia_ratio,
+    inertia_ratio_by_window,
 )
 from .layers import LayerPlan
 
@@ -52,6 +54,9 @@ NESTED_KEYS: Tuple[str, ...] = ("state_dict", "model_state_dict", "model", "arra
 """Keys under which a saved dict may hold the state dict itself."""
 MIN_ROUNDS = 3
 """Fewest checkpoints that give two relative updates."""
+DEFAULT_WINDOWS = 5
+"""Spans of rounds over which ``diagnose`` also reports the ratio (fewer when the run
+has fewer updates)."""
 
 Progress = Callable[[Iterable[Any]], Iterable[Any]]
 """Wraps the checkpoint iteration (e.g. ``tqdm``); identity by default."""
@@ -267,6 +272,7 @@ class Diagnosis:
     ratio: InertiaRatio
     threshold: float
     order_note: str = ""
+    windows: List[WindowRatio] = field(default_factory=list)
 
     @property
     def update_rounds(self) -> List[int]:
@@ -294,6 +300,29 @@ class Diagnosis:
                     f"layers; {numbers}. LIPS targets this.")
         return f"verdict: no inertia: the middle layers keep moving; {numbers}."
 
+    def window_rounds(self, window: WindowRatio) -> Tuple[int, int]:
+        """First and last round number of the updates in ``window``."""
+        return self.update_rounds[window.start], self.update_rounds[window.stop - 1]
+
+    def over_time(self) -> str:
+        """One line: the ratio over consecutive spans of rounds (no warm-up), and which
+        spans fall on the other side of the threshold than the run as a whole."""
+        if not self.windows:
+            return ""
+        cells = []
+        for window in self.windows:
+            first, last = self.window_rounds(window)
+            cells.append(f"rounds {first}..{last} {window.ratio:.3f}")
+        line = "ratio over time (no warm-up): " + " | ".join(cells)
+        other = [w for w in self.windows if math.isfinite(w.ratio)
+                 and (w.ratio < self.threshold) != self.stalled]
+        if other and len(self.windows) > 1:
+            spans = ", ".join("{}..{}".format(*self.window_rounds(w)) for w in other)
+            side = "above" if self.stalled else "below"
+            line += (f"; {side} the threshold in rounds {spans}: the middle layers "
+                     + ("kept moving there" if self.stalled else "lagged there only"))
+        return line
+
     def table(self) -> str:
         """Per-layer table: role, shape, mean and last relative update, ratio to the edges."""
         updates = self.tracker.relative_update[:, self.ratio.warmup:]
@@ -318,8 +347,10 @@ class Diagnosis:
         return "\n".join(lines)
 
     def report(self) -> str:
-        """Table and verdict, as the command prints them."""
-        return self.table() + "\n" + self.verdict()
+        """Table, ratio over time and verdict, as the command prints them."""
+        over_time = self.over_time()
+        return "\n".join([self.table()] + ([over_time] if over_time else [])
+                         + [self.verdict()])
 
     def to_dict(self) -> Dict[str, Any]:
         """Everything in plain JSON types (non-finite numbers as None). The keys of
@@ -352,6 +383,10 @@ class Diagnosis:
                 "updates_used": r.rounds_used,
                 "text": self.verdict(),
             },
+            "ratio_over_time": [
+                {"rounds": list(self.window_rounds(w)), "ratio": clean(w.ratio)}
+                for w in self.windows
+            ],
         }
 
     def write(self, out_dir: Union[str, Path], plot: bool = True) -> List[Path]:
@@ -418,6 +453,7 @@ def diagnose(
     warmup: Optional[int] = None,
     threshold: float = INERTIA_THRESHOLD,
     progress: Optional[Progress] = None,
+    windows: Optional[int] = None,
 ) -> Diagnosis:
     """Measure inertia from the global checkpoints of a run.
 
@@ -431,6 +467,8 @@ def diagnose(
         warmup: updates skipped before averaging; default 20% of them.
         threshold: ratio below which the middle layers count as stalled.
         progress: wraps the iteration over checkpoints (a progress bar).
+        windows: spans of rounds over which the ratio is also reported (no warm-up);
+            default :data:`DEFAULT_WINDOWS`, or one per update if there are fewer.
 
     Raises:
         CheckpointError: unreadable, mismatched or too few checkpoints, changing
@@ -443,6 +481,12 @@ def diagnose(
         raise ValueError(f"threshold must be a finite number > 0, got {threshold!r}")
     checkpoints = find_checkpoints(paths)
     updates = len(checkpoints) - 1
+    if windows is not None and (isinstance(windows, bool) or not isinstance(windows, int)
+                                or not 1 <= windows <= updates):
+        raise ValueError(
+            f"windows {windows!r} does not fit {updates} updates ({len(checkpoints)} "
+            f"checkpoints); use 1..{updates}"
+        )
     if warmup is not None and (isinstance(warmup, bool) or not isinstance(warmup, int)
                                or not 0 <= warmup < updates):
         raise ValueError(
@@ -478,5 +522,7 @@ def diagnose(
         _check(state, shapes, checkpoint.path)
         tracker.update(state)
     ratio = inertia_ratio(tracker.relative_update, roles, warmup)
+    spans = inertia_ratio_by_window(tracker.relative_update, roles,
+                                    windows or min(DEFAULT_WINDOWS, updates))
     return Diagnosis(checkpoints, tracker, roles, [shapes[n] for n in names], ratio,
-                     float(threshold), order_note)
+                     float(threshold), order_note, spans)

@@ -62,6 +62,16 @@ class InertiaRatio(NamedTuple):
     rounds_used: int
 
 
+class WindowRatio(NamedTuple):
+    """The inertia ratio over one span of recorded rounds: columns ``start`` to
+    ``stop - 1`` of the updates (NaN where the span has no finite middle or edge
+    update)."""
+
+    start: int
+    stop: int
+    ratio: float
+
+
 def default_warmup(rounds: int) -> int:
     """Rounds skipped by default: ``floor(DEFAULT_WARMUP_FRACTION * rounds)``."""
     return int(math.floor(DEFAULT_WARMUP_FRACTION * rounds))
@@ -331,3 +341,34 @@ class InertiaTracker:
         from ._plotting import plot_inertia
 
         plot_inertia(self.layers, self.relative_update, path, title)
+
+
+def inertia_ratio_by_window(
+    updates: np.ndarray, roles: Sequence[str], windows: int = 5
+) -> List[WindowRatio]:
+    """The inertia ratio over ``windows`` consecutive spans of the recorded rounds.
+
+    The rounds are cut into ``windows`` contiguous spans of near-equal length (the
+    first ones one round longer when they do not divide evenly), and
+    :func:`inertia_ratio` is taken over each with no warm-up. The ratio can change a
+    lot during a run (in the benchmark's FedAvg runs it starts well below 1 and ends
+    above), which one number over the whole run hides.
+    """
+    updates = np.asarray(updates, dtype=np.float64)
+    rounds = updates.shape[1] if updates.ndim == 2 else 0
+    if isinstance(windows, bool) or not isinstance(windows, int) or not 1 <= windows <= rounds:
+        raise ValueError(
+            f"windows must be an integer in [1, {rounds}] (the recorded rounds), got "
+            f"{windows!r}"
+        )
+    result = []
+    for span in np.array_split(np.arange(rounds), windows):
+        start, stop = int(span[0]), int(span[-1]) + 1
+        try:
+            ratio = inertia_ratio(updates[:, start:stop], roles, warmup=0).ratio
+        except ValueError as error:
+            if "finite updates" not in str(error):
+                raise
+            ratio = math.nan
+        result.append(WindowRatio(start, stop, ratio))
+    return result

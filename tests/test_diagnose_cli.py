@@ -12,7 +12,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 import pytest
@@ -38,15 +38,18 @@ WEIGHTS = ["0.weight", "2.weight", "4.weight", "6.weight"]
 
 
 def stalled_run(folder: Path, rounds: int = 6, middle_step: float = 0.001,
-                suffix: str = ".pt") -> List[Dict[str, torch.Tensor]]:
-    """Checkpoints whose edges move by 10% per round and middle layers by ``middle_step``."""
+                suffix: str = ".pt", late_middle_step: Optional[float] = None,
+                switch: int = 0) -> List[Dict[str, torch.Tensor]]:
+    """Checkpoints whose edges move by 10% per round and middle layers by ``middle_step``
+    (by ``late_middle_step`` from round ``switch`` on, when given)."""
     folder.mkdir(parents=True, exist_ok=True)
     model = mlp()
     generator = torch.Generator().manual_seed(1)
     states = []
     for rnd in range(rounds):
+        middle = middle_step if late_middle_step is None or rnd < switch else late_middle_step
         with torch.no_grad():
-            for index, step in ((0, 0.1), (2, middle_step), (4, middle_step), (6, 0.1)):
+            for index, step in ((0, 0.1), (2, middle), (4, middle), (6, 0.1)):
                 weight = model[index].weight
                 weight.add_(step * weight.norm() / math.sqrt(weight.numel())
                             * torch.randn(weight.shape, generator=generator))
@@ -128,6 +131,40 @@ def test_moving_middle_layers_give_no_inertia_and_exit_0(tmp_path, capsys):
     code, out, _ = run(capsys, "diagnose", str(tmp_path / "ckpt"))
     assert code == 0
     assert out.splitlines()[-1].startswith("verdict: no inertia")
+
+
+def test_ratio_over_time_shows_a_lag_that_the_run_average_hides(tmp_path, capsys):
+    # the middle layers stall over rounds 1..4, then move as much as the edges
+    states = stalled_run(tmp_path / "ckpt", rounds=11, late_middle_step=0.1, switch=5)
+    code, out, _ = run(capsys, "diagnose", str(tmp_path / "ckpt"), "--windows", "2")
+    assert code == 0  # over the run (after the warm-up) they keep moving
+    lines = out.splitlines()
+    over_time = lines[-2]
+    assert over_time.startswith("ratio over time (no warm-up): rounds 1..5 ")
+    assert " | rounds 6..10 " in over_time
+    assert "below the threshold in rounds 1..5: the middle layers lagged there only" \
+        in over_time
+    assert lines[-1].startswith("verdict: no inertia")
+    code, out, _ = run(capsys, "diagnose", str(tmp_path / "ckpt"), "--windows", "2", "--json")
+    spans = json.loads(out)["ratio_over_time"]
+    updates = expected_updates(states, WEIGHTS)
+    for span, (start, stop) in zip(spans, ((0, 5), (5, 10))):
+        part = updates[:, start:stop]
+        expected = part[1:3].mean() / ((part[0].mean() + part[3].mean()) / 2)
+        assert span["rounds"] == [start + 1, stop]
+        assert span["ratio"] == pytest.approx(expected, rel=1e-5)
+    assert spans[0]["ratio"] < INERTIA_THRESHOLD < spans[1]["ratio"]
+
+
+def test_windows_default_and_bad_values(tmp_path, capsys):
+    stalled_run(tmp_path / "ckpt", rounds=4)
+    code, out, _ = run(capsys, "diagnose", str(tmp_path / "ckpt"), "--json")
+    assert [s["rounds"] for s in json.loads(out)["ratio_over_time"]] == [[1, 1], [2, 2],
+                                                                         [3, 3]]
+    for bad in ("0", "4"):
+        code, _, err = run(capsys, "diagnose", str(tmp_path / "ckpt"), "--windows", bad)
+        assert code == 2
+        assert f"windows {bad} does not fit 3 updates (4 checkpoints); use 1..3" in err
 
 
 def test_threshold_option_decides_the_exit_code(tmp_path, capsys):

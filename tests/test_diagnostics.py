@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from lips_wrap import InertiaTracker
-from lips_wrap.diagnostics import cosine_similarity, relative_update
+from lips_wrap.diagnostics import cosine_similarity, inertia_ratio, relative_update
 
 
 def three_layers() -> nn.Module:
@@ -260,3 +260,24 @@ def test_plot_inertia_takes_groups_and_round_numbers(tmp_path):
     assert path.read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(ValueError, match="2 round numbers for 3 columns"):
         plot_inertia(["a", "b", "c"], updates, path, rounds=[1, 2])
+
+
+def test_ratio_by_window_splits_the_rounds_and_rates_each_span():
+    from lips_wrap.diagnostics import WindowRatio, inertia_ratio_by_window
+
+    roles = ["first", "middle", "last"]
+    updates = np.array([[0.2] * 7,
+                        [0.02, 0.02, 0.02, 0.2, 0.2, 0.4, 0.4],
+                        [0.2] * 7])
+    spans = inertia_ratio_by_window(updates, roles, windows=3)
+    assert [(s.start, s.stop) for s in spans] == [(0, 3), (3, 5), (5, 7)]
+    assert [s.ratio for s in spans] == pytest.approx([0.1, 1.0, 2.0])
+    whole = inertia_ratio_by_window(updates, roles, windows=1)
+    assert whole == [WindowRatio(0, 7, pytest.approx(inertia_ratio(updates, roles, 0).ratio))]
+    # a span where the middle layers never moved finitely is NaN, not an error
+    frozen = updates.copy()
+    frozen[1, :3] = np.nan
+    assert math.isnan(inertia_ratio_by_window(frozen, roles, windows=3)[0].ratio)
+    for bad in (0, 8, 2.0, True):
+        with pytest.raises(ValueError, match=r"windows must be an integer in \[1, 7\]"):
+            inertia_ratio_by_window(updates, roles, windows=bad)
