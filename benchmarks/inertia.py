@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from lips_wrap.diagnostics import default_warmup
+from lips_wrap.diagnostics import default_warmup, inertia_ratio_by_window
 from lips_wrap.diagnostics import inertia_ratio as core_ratio
 
 
@@ -57,3 +57,14 @@ def group_means(relative_update, warmup: Optional[int] = None) -> dict:
     result = core_ratio(updates, roles(updates.shape[0]), warmup)
     return {"first": result.first, "middle": result.middle, "last": result.last,
             "ratio": result.ratio}
+
+
+WINDOWS = 5
+
+
+def ratio_by_window(relative_update, windows: int = WINDOWS) -> list:
+    """The ratio over ``windows`` consecutive spans of the recorded rounds, no warm-up
+    (``lips_wrap.diagnostics.inertia_ratio_by_window``, what ``lips-wrap diagnose``
+    prints as "ratio over time")."""
+    updates = np.asarray(relative_update, dtype=np.float64)
+    return inertia_ratio_by_window(updates, roles(updates.shape[0]), windows)

@@ -68,6 +68,19 @@ def markdown(result: dict) -> str:
                          f"{ratio['max']:.2f}] | {plain_cell} | {early_cell} | "
                          f"{entry['inertia_first']:.4f} | "
                          f"{entry['inertia_middle']:.4f} | {entry['inertia_last']:.4f} |")
+    windows = next((e["inertia_ratio_by_window"] for e in summary.values()
+                    if "inertia_ratio_by_window" in e), None)
+    if windows:
+        lines += ["", "**Inertia ratio over time** (each span of rounds on its own, no "
+                  "warm-up; mean [min, max] over seeds):", "",
+                  "| arm | " + " | ".join(f"rounds {w['rounds'][0]}-{w['rounds'][1]}"
+                                         for w in windows) + " |",
+                  "|---|" + "---|" * len(windows)]
+        for arm, entry in summary.items():
+            cells = [f"{w['mean']:.2f} [{w['min']:.2f}, {w['max']:.2f}]"
+                     for w in entry.get("inertia_ratio_by_window", [])]
+            if cells:
+                lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     base = {r["seed"]: r for r in result["runs"].get("FedAvg", []) if "inertia" in r}
     lines += ["", "**Does FedAvg's inertia ratio predict the gain?** Pearson correlation, "
               "over seeds, of FedAvg's ratio with the arm's paired gain on that seed:", "",

@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from inertia import group_means, inertia_ratio  # noqa: E402
+from inertia import group_means, inertia_ratio, ratio_by_window  # noqa: E402
 from models import ResNet8, vgg_bn  # noqa: E402
 
 from lips_wrap import InertiaTracker, LIPSConfig  # noqa: E402
@@ -277,6 +277,13 @@ def summarise(runs: Dict[str, List[dict]]) -> dict:
                 entry["inertia_ratio_unmasked_rounds"] = {
                     "mean": float(np.mean(unmasked)), "min": float(np.min(unmasked)),
                     "max": float(np.max(unmasked))}
+            windows = np.array([[w.ratio for w in ratio_by_window(r["relative_update"])]
+                                for r in arm_runs if "relative_update" in r])
+            spans = ratio_by_window(arm_runs[0]["relative_update"])
+            entry["inertia_ratio_by_window"] = [
+                {"rounds": [w.start, w.stop - 1], "mean": float(column.mean()),
+                 "min": float(column.min()), "max": float(column.max())}
+                for w, column in zip(spans, windows.T)]
             for group in ("first", "middle", "last"):
                 entry[f"inertia_{group}"] = float(np.mean([g[group] for g in groups]))
         summary[arm] = entry

@@ -99,6 +99,11 @@ def test_many_clients_setup_runs_every_arm_and_resumes(tmp_path):
     assert "diff_vs_fedavg" in summary["LIPS"]["after_last"]
     assert "diff_vs_LIPS" in summary["LIPS random"]["before_last"]
     assert summary["FedAvg"]["inertia_ratio"]["n"] == 1
+    windows = summary["FedAvg"]["inertia_ratio_by_window"]
+    assert [w["rounds"] for w in windows] == [[0, 1], [2, 2], [3, 3], [4, 4], [5, 5]]
+    from inertia import ratio_by_window
+    fedavg = result["runs"]["FedAvg"][0]["relative_update"]
+    assert windows[0]["mean"] == pytest.approx(ratio_by_window(fedavg)[0].ratio)
     assert (tmp_path / "tiny_accuracy.png").exists()
     assert (tmp_path / "tiny_ratio_vs_gain.png").exists()
     # resuming with a second seed of the main arms runs only those three
@@ -174,3 +179,16 @@ def test_inertia_search_runs_fedavg_per_variant_and_resumes(tmp_path):
     assert again["c3_w4-4-8_r8_t5"] == stored["c3_w4-4-8_r8_t5"]
     table = inertia_search.markdown(again).splitlines()
     assert len(table) == 4 and table[2].startswith("| 3 | 4/4/8 | 8x8 | 5 | **")
+
+
+def test_report_tables_include_the_ratio_over_time(tmp_path):
+    reproduce = _reproduce()
+    import report
+
+    setup = {**_tiny_setup(reproduce), "arms": ["FedAvg", "LIPS"], "ablations": []}
+    reproduce.run_all({"tiny": setup}, tmp_path)
+    markdown = report.markdown(json.loads((tmp_path / "tiny.json").read_text()))
+    over_time = markdown.split("**Inertia ratio over time**")[1].splitlines()
+    assert over_time[2] == ("| arm | rounds 0-1 | rounds 2-2 | rounds 3-3 | rounds 4-4 "
+                            "| rounds 5-5 |")
+    assert over_time[4].startswith("| FedAvg | ") and over_time[5].startswith("| LIPS | ")
