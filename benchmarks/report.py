@@ -15,6 +15,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from inertia import ratio_by_window  # noqa: E402
 from reproduce import CONTRASTS, summarise  # noqa: E402
 
 
@@ -83,17 +84,23 @@ def markdown(result: dict) -> str:
                 lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     base = {r["seed"]: r for r in result["runs"].get("FedAvg", []) if "inertia" in r}
     lines += ["", "**Does FedAvg's inertia ratio predict the gain?** Pearson correlation, "
-              "over seeds, of FedAvg's ratio with the arm's paired gain on that seed:", "",
-              "| arm | seeds | corr(FedAvg ratio, Δ after) | corr(FedAvg ratio, Δ before) |",
-              "|---|---|---|---|"]
+              "over seeds, of FedAvg's ratio (after the warm-up, and over the first fifth "
+              "of the rounds) with the arm's paired gain on that seed:", "",
+              "| arm | seeds | corr(FedAvg ratio, Δ after) | corr(FedAvg ratio, Δ before) "
+              "| corr(early ratio, Δ after) | corr(early ratio, Δ before) |",
+              "|---|---|---|---|---|---|"]
+    early = {seed: ratio_by_window(run["relative_update"])[0].ratio
+             for seed, run in base.items() if "relative_update" in run}
     for arm, runs in result["runs"].items():
-        pairs = [(base[r["seed"]]["inertia"]["ratio"], r["after_last"] - base[r["seed"]][
-            "after_last"], r["before_last"] - base[r["seed"]]["before_last"])
-            for r in runs if arm != "FedAvg" and r["seed"] in base]
+        pairs = [(base[r["seed"]]["inertia"]["ratio"], early.get(r["seed"], np.nan),
+                  r["after_last"] - base[r["seed"]]["after_last"],
+                  r["before_last"] - base[r["seed"]]["before_last"])
+                 for r in runs if arm != "FedAvg" and r["seed"] in base]
         if len(pairs) >= 3:
-            ratio, after, before = (np.array(column) for column in zip(*pairs))
-            lines.append(f"| {arm} | {len(pairs)} | {np.corrcoef(ratio, after)[0, 1]:+.2f} | "
-                         f"{np.corrcoef(ratio, before)[0, 1]:+.2f} |")
+            ratio, first, after, before = (np.array(column) for column in zip(*pairs))
+            cells = [np.corrcoef(x, y)[0, 1] for x in (ratio, first) for y in (after, before)]
+            lines.append(f"| {arm} | {len(pairs)} | "
+                         + " | ".join(f"{c:+.2f}" for c in cells) + " |")
     return "\n".join(lines)
 
 
