@@ -134,6 +134,9 @@ def test_channels_last_option_keeps_the_model_and_masks_exactly():
         assert torch.equal(a, b), name  # the same weights, only stored differently
         if a.dim() == 4:
             assert a.is_contiguous(memory_format=torch.channels_last), name
+    vgg = reproduce.model_factory({"task": "digits", "model": "vgg", "channels_last": True})()
+    assert all(p.is_contiguous(memory_format=torch.channels_last)
+               for p in vgg.parameters() if p.dim() == 4)  # every model, not only ResNet-8
     config = LIPSConfig(total_rounds=10, start_density=0.3)
     plan = find_layers(fast)
     previous = {k: v * 0.9 for k, v in fast.state_dict().items()}
