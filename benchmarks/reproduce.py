@@ -37,7 +37,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from inertia import group_means, inertia_ratio, ratio_by_window  # noqa: E402
-from models import ResNet8, vgg_bn  # noqa: E402
+from models import ResNet8, resnet8_reference, vgg11_bn_reference, vgg_bn  # noqa: E402
 
 from lips_wrap import InertiaTracker, LIPSConfig  # noqa: E402
 from lips_wrap.data import make_shapes  # noqa: E402
@@ -49,6 +49,8 @@ from lips_wrap.integrations.custom import (  # noqa: E402
 )
 
 RESULTS = Path(__file__).resolve().parent / "results"
+REFERENCE_MODELS = {"resnet8-reference": resnet8_reference, "vgg11-reference": vgg11_bn_reference}
+"""The paper's own models (benchmarks/models.py), by setup name."""
 LAST = 5  # accuracies are averaged over the last LAST rounds
 EARLY = 20  # the early inertia ratio is taken over rounds 1 .. EARLY - 1
 
@@ -61,11 +63,15 @@ ARMS: Dict[str, Optional[dict]] = {
     "LIPS server": {"start_density": 0.5, "score": "sensitivity", "side": "server"},
     # the same schedule with random scores: any transient perturbation, no selection
     "LIPS random": {"start_density": 0.5, "score": "random"},
+    # the server-side and random controls at the reference ResNet-8's density
+    "LIPS server d0=0.3": {"start_density": 0.3, "score": "sensitivity", "side": "server"},
+    "LIPS random d0=0.3": {"start_density": 0.3, "score": "random"},
 }
 MAIN_ARMS = ("FedAvg", "LIPS")
 OLD_ABLATIONS = ("LIPS d0=0.3", "LIPS magnitude")
 # paired contrasts reported beside "vs FedAvg": (arm, reference arm)
-CONTRASTS = (("LIPS random", "LIPS"), ("LIPS server", "LIPS"), ("LIPS d0=0.3", "LIPS"))
+CONTRASTS = (("LIPS random", "LIPS"), ("LIPS server", "LIPS"), ("LIPS d0=0.3", "LIPS"),
+             ("LIPS random d0=0.3", "LIPS d0=0.3"), ("LIPS server d0=0.3", "LIPS d0=0.3"))
 
 FULL = {
     "digits-vgg": {"task": "digits", "model": "vgg", "clients": 10, "rounds": 30,
@@ -99,6 +105,17 @@ REFERENCE_WIDTHS = {"widths": [16, 32, 64], "channels_last": True}
 FULL["shapes-resnet8-ref"] = {**FULL["shapes-resnet8-many"], **REFERENCE_WIDTHS}
 QUICK["shapes-resnet8-ref"] = {**QUICK["shapes-resnet8-many"], **REFERENCE_WIDTHS,
                                "clients": 6, "rounds": 10, "seeds": 1, "ablation_seeds": 1}
+# the paper's ResNet-8 (benchmarks/models.py: 7x7 stem, 64/128/256) in the many-clients
+# protocol; 16x16 shapes keep a run near 8 CPU-minutes. d0 0.3 is the paper's density
+# for this model; the controls run at that density.
+PAPER_RESNET8_ARMS = {"model": "resnet8-reference", "channels_last": True,
+                      "arms": ["FedAvg", "LIPS d0=0.3", "LIPS"],
+                      "ablations": ["LIPS server d0=0.3", "LIPS random d0=0.3"]}
+FULL["shapes-paper-resnet8"] = {**FULL["shapes-resnet8-many"], **PAPER_RESNET8_ARMS,
+                                "seeds": 10, "ablation_seeds": 5}
+FULL["shapes-paper-resnet8"].pop("widths")
+QUICK["shapes-paper-resnet8"] = {**QUICK["shapes-resnet8-ref"], **PAPER_RESNET8_ARMS}
+QUICK["shapes-paper-resnet8"].pop("widths")
 COMMON = {"alpha": 0.1, "samples_per_client": 100, "epochs": 5, "batch_size": 100,
           "lr": 0.1, "momentum": 0.9, "period": 5, "data_seed": 0}
 
@@ -158,7 +175,11 @@ def _base_factory(setup: dict):
     if setup["model"] == "resnet8":
         widths = tuple(setup.get("widths", (8, 16, 32)))
         return lambda: ResNet8(channels, 10, widths)
-    raise ValueError(f"unknown model {setup['model']!r}; accepted: vgg, resnet8")
+    if setup["model"] in REFERENCE_MODELS:
+        build, classes = REFERENCE_MODELS[setup["model"]], setup.get("classes", 10)
+        return lambda: build(channels, classes)
+    raise ValueError(f"unknown model {setup['model']!r}; accepted: vgg, resnet8, "
+                     + ", ".join(REFERENCE_MODELS))
 
 
 def run_one(setup: dict, arm: str, seed: int, progress: Optional[tqdm] = None,
@@ -210,9 +231,18 @@ def run_one(setup: dict, arm: str, seed: int, progress: Optional[tqdm] = None,
         "cpu_seconds": round(time.process_time() - start, 1),
         "inertia": group_means(tracker.relative_update),
         "inertia_layers": tracker.layers,
-        "relative_update": [[float(f"{v:.5g}") for v in row]
-                            for row in tracker.relative_update],
+        "relative_update": _rounded(tracker.relative_update),
+        # the reference's inertia measures: each layer's drift from the round-2 global
+        # model (cosine, L2 distance) and its weight norm, layers x rounds
+        "cosine_to_anchor": _rounded(tracker.cosine_to_anchor),
+        "distance_to_anchor": _rounded(tracker.distance_to_anchor),
+        "weight_norm": _rounded(tracker.weight_norm),
     }
+
+
+def _rounded(rows: np.ndarray) -> List[List[Optional[float]]]:
+    """Five significant digits, NaN as null (JSON)."""
+    return [[float(f"{v:.5g}") if math.isfinite(v) else None for v in row] for row in rows]
 
 
 def t_quantile(df: int) -> float:

@@ -4,7 +4,11 @@ After every aggregation, :meth:`InertiaTracker.update` records per tracked layer
 
 * the relative update ``||W_t - W_{t-1}|| / ||W_{t-1}||`` (Frobenius norms), and
 * the cosine similarity between ``W_t`` and ``W`` at an anchor round (round 2 by
-  default, as the paper), NaN before the anchor round is reached.
+  default, as the paper), NaN before the anchor round is reached,
+* the L2 (Frobenius) distance ``||W_t - W_anchor||``, the anchor drift the authors'
+  code prints beside the cosine (NaN before the anchor round), and
+* the weight norm ``||W_t||``: with BatchNorm after a convolution and no weight decay,
+  a growing norm means the same gradient moves the weight relatively less.
 
 Rounds are the 0-based indices of the calls to :meth:`update`; ``W_{-1}`` is the
 weight the model held when the tracker was built. Layer inertia (see the
@@ -153,6 +157,20 @@ def cosine_similarity(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.dot(x, y)) / norms if norms > 0.0 else math.nan
 
 
+def distance(a: torch.Tensor, b: Optional[torch.Tensor] = None) -> float:
+    """``||a - b||`` (Frobenius, in float64), or ``||a||`` without ``b``."""
+    x = a.detach().to(torch.float64)
+    return float(torch.linalg.vector_norm(x if b is None else x - b.detach().to(torch.float64)))
+
+
+_MEASURES = ("relative_update", "cosine_to_anchor", "distance_to_anchor", "weight_norm")
+"""The per-(layer, round) measures of :class:`InertiaTracker`, in file column order."""
+
+
+def _layers_by_rounds(rows: List[List[float]], rounds: int) -> np.ndarray:
+    return np.asarray(rows, dtype=np.float64).reshape(rounds, -1).T.copy()
+
+
 def _tracked_names(model: nn.Module, all_layers: bool) -> List[str]:
     if all_layers:
         return [name for name, p in model.named_parameters() if p.dim() >= 2]
@@ -160,7 +178,8 @@ def _tracked_names(model: nn.Module, all_layers: bool) -> List[str]:
 
 
 class InertiaTracker:
-    """Per-layer relative update and cosine-to-anchor of a model, one column per round.
+    """Per-layer relative update, anchor drift (cosine and L2 distance to the weights
+    of an anchor round) and weight norm of a model, one column per round.
 
     Args:
         model: the (global) model; its current weights are the reference of round 0.
@@ -195,6 +214,8 @@ class InertiaTracker:
         self._anchor: Optional[Dict[str, torch.Tensor]] = None
         self._updates: List[List[float]] = []
         self._cosines: List[List[float]] = []
+        self._distances: List[List[float]] = []
+        self._norms: List[List[float]] = []
 
     @classmethod
     def from_weights(
@@ -247,6 +268,11 @@ class InertiaTracker:
             [cosine_similarity(current[n], self._anchor[n]) if self._anchor else math.nan
              for n in self.layers]
         )
+        self._distances.append(
+            [distance(current[n], self._anchor[n]) if self._anchor else math.nan
+             for n in self.layers]
+        )
+        self._norms.append([distance(current[n]) for n in self.layers])
         self._previous = current
 
     # -- results ------------------------------------------------------------------
@@ -258,15 +284,25 @@ class InertiaTracker:
     @property
     def relative_update(self) -> np.ndarray:
         """Array (layers x rounds) of ``||W_t - W_{t-1}|| / ||W_{t-1}||``."""
-        return np.asarray(self._updates, dtype=np.float64).reshape(self.rounds, -1).T.copy()
+        return _layers_by_rounds(self._updates, self.rounds)
 
     @property
     def cosine_to_anchor(self) -> np.ndarray:
         """Array (layers x rounds) of ``cos(W_t, W_anchor)``; NaN before the anchor."""
-        return np.asarray(self._cosines, dtype=np.float64).reshape(self.rounds, -1).T.copy()
+        return _layers_by_rounds(self._cosines, self.rounds)
+
+    @property
+    def distance_to_anchor(self) -> np.ndarray:
+        """Array (layers x rounds) of ``||W_t - W_anchor||``; NaN before the anchor."""
+        return _layers_by_rounds(self._distances, self.rounds)
+
+    @property
+    def weight_norm(self) -> np.ndarray:
+        """Array (layers x rounds) of ``||W_t||``."""
+        return _layers_by_rounds(self._norms, self.rounds)
 
     def to_json(self, path: Union[str, Path]) -> None:
-        """Write layers, anchor round and both arrays (NaN and inf as null)."""
+        """Write layers, anchor round and the four arrays (NaN and inf as null)."""
 
         def clean(rows: np.ndarray) -> List[List[Optional[float]]]:
             return [[float(v) if math.isfinite(v) else None for v in row] for row in rows]
@@ -276,32 +312,36 @@ class InertiaTracker:
             "anchor_round": self.anchor_round,
             "relative_update": clean(self.relative_update),
             "cosine_to_anchor": clean(self.cosine_to_anchor),
+            "distance_to_anchor": clean(self.distance_to_anchor),
+            "weight_norm": clean(self.weight_norm),
         }
         Path(path).write_text(json.dumps(data, indent=1))
 
     def to_csv(self, path: Union[str, Path]) -> None:
-        """Write one row per (layer, round): layer, round, relative_update, cosine."""
-        updates, cosines = self.relative_update, self.cosine_to_anchor
+        """Write one row per (layer, round): layer, round and the four measures."""
+        arrays = [getattr(self, column) for column in _MEASURES]
         with open(path, "w", newline="") as handle:
             writer = csv.writer(handle)
-            writer.writerow(["layer", "round", "relative_update", "cosine_to_anchor"])
+            writer.writerow(["layer", "round", *_MEASURES])
             for i, name in enumerate(self.layers):
                 for t in range(self.rounds):
-                    writer.writerow([name, t, repr(float(updates[i, t])),
-                                     repr(float(cosines[i, t]))])
+                    writer.writerow([name, t, *(repr(float(a[i, t])) for a in arrays)])
 
     @classmethod
     def _from_arrays(
-        cls, layers: Sequence[str], anchor_round: int,
-        updates: np.ndarray, cosines: np.ndarray,
+        cls, layers: Sequence[str], anchor_round: int, arrays: Mapping[str, np.ndarray]
     ) -> "InertiaTracker":
+        """A tracker holding ``arrays`` (measure name to layers x rounds); a measure a
+        file written by an older version lacks is all NaN."""
         tracker = cls.__new__(cls)
         tracker.layers = list(layers)
         tracker.anchor_round = int(anchor_round)
         tracker._previous = None
         tracker._anchor = None
-        tracker._updates = updates.T.tolist()
-        tracker._cosines = cosines.T.tolist()
+        shape = np.asarray(arrays["relative_update"]).shape
+        columns = [np.asarray(arrays.get(m, np.full(shape, math.nan)), dtype=np.float64).T
+                   .tolist() for m in _MEASURES]
+        tracker._updates, tracker._cosines, tracker._distances, tracker._norms = columns
         return tracker
 
     @classmethod
@@ -314,28 +354,28 @@ class InertiaTracker:
             return np.asarray(values, dtype=np.float64).reshape(len(data["layers"]), -1)
 
         return cls._from_arrays(data["layers"], data["anchor_round"],
-                                array(data["relative_update"]), array(data["cosine_to_anchor"]))
+                                {m: array(data[m]) for m in _MEASURES if m in data})
 
     @classmethod
     def from_csv(cls, path: Union[str, Path], anchor_round: int = 2) -> "InertiaTracker":
         """A tracker holding the results of :meth:`to_csv` (the CSV has no anchor
         round: pass the one it was recorded with)."""
         layers: List[str] = []
-        cells: Dict[str, Dict[int, tuple]] = {}
+        cells: Dict[str, Dict[int, Dict[str, str]]] = {}
         with open(path, newline="") as handle:
-            for row in csv.DictReader(handle):
+            reader = csv.DictReader(handle)
+            present = [m for m in _MEASURES if m in (reader.fieldnames or ())]
+            for row in reader:
                 name = row["layer"]
                 if name not in cells:
                     layers.append(name)
                     cells[name] = {}
-                cells[name][int(row["round"])] = (
-                    float(row["relative_update"]), float(row["cosine_to_anchor"])
-                )
+                cells[name][int(row["round"])] = row
         rounds = max((len(c) for c in cells.values()), default=0)
-        updates = np.array([[cells[n][t][0] for t in range(rounds)] for n in layers])
-        cosines = np.array([[cells[n][t][1] for t in range(rounds)] for n in layers])
-        return cls._from_arrays(layers, anchor_round, updates.reshape(len(layers), rounds),
-                                cosines.reshape(len(layers), rounds))
+        arrays = {m: np.array([[float(cells[n][t][m]) for t in range(rounds)] for n in layers],
+                              dtype=np.float64).reshape(len(layers), rounds)
+                  for m in present}
+        return cls._from_arrays(layers, anchor_round, arrays)
 
     def plot(self, path: Union[str, Path], title: str = "") -> None:
         """Write a PNG: layer x round heatmap of the relative update (log colour
