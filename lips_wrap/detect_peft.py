@@ -15,7 +15,10 @@ from typing import Dict, Optional, Sequence
 
 from torch import nn
 
+from .detection import detect, named_slots
 from .rules import NamedSlot, Verdict
+
+PEFT_LABEL = "PEFT adapters (trainable only)"
 
 
 def is_peft_model(model: nn.Module) -> bool:
@@ -35,11 +38,8 @@ def detect_peft(model: nn.Module, slots: Sequence[NamedSlot]) -> Optional[Dict[s
     """The PEFT detector (see the module docstring); None for other models."""
     if not is_peft_model(model):
         return None
-    from .layers import DETECTORS, detect, named_slots  # the registry imports this module
-
     base, prefix = _base_and_prefix(model)
-    others = [(label, d) for label, d in DETECTORS if d is not detect_peft]
-    label, inner = detect(base, named_slots(base), others)
+    label, inner = detect(base, named_slots(base))
     verdicts: Dict[str, Verdict] = {}
     for name, module, local in slots:
         param = getattr(module, local)

@@ -1,12 +1,12 @@
 """Which tensors LIPS masks: ``find_layers`` builds an inspectable plan.
 
-Precedence: the user's ``include``/``exclude`` patterns, then a model-family detector
-(the first of :data:`DETECTORS` that recognises the model), then the generic rule for
-plain torch models: the weights of the layers between the first layer (the input
-stem) and the last (the head), in registration order, are eligible; stems, heads,
-biases, norms, embeddings and every other parameter are exempt. A parameter shared by
-several modules (tied weights) is decided once, under its first name, and is eligible
-only if every name it has is.
+Precedence: the user's ``include``/``exclude`` patterns, then PEFT adapters, then a
+model-family detector (the first of [`DETECTORS`][lips_wrap.detection.DETECTORS] that
+recognises the model), then the generic rule for plain torch models: the weights of
+the layers between the first layer (the input stem) and the last (the head), in
+registration order, are eligible; stems, heads, biases, norms, embeddings and every
+other parameter are exempt. A parameter shared by several modules (tied weights) is
+decided once, under its first name, and is eligible only if every name it has is.
 
 Wrapped models (``torch.compile``, ``DistributedDataParallel``, ``DataParallel``; see
 ``families.MODEL_WRAPPERS``) are unwrapped first: detection runs on the innermost model
@@ -25,10 +25,10 @@ import torch
 from torch import nn
 
 from . import families
-from .detect_hf import detect_hf
-from .detect_peft import detect_peft
-from .detect_timm import detect_timm
-from .rules import Detector, NamedSlot, Verdict, generic_rule
+from .detect_peft import PEFT_LABEL, detect_peft
+from .detection import DETECTORS, detect, named_slots, unwrap
+from .detection import strip_wrapper_prefixes as strip_wrapper_prefixes  # re-exported
+from .rules import Detector, Verdict
 
 
 @dataclass(frozen=True)
@@ -115,86 +115,10 @@ class LayerPlan:
         return self.table()
 
 
-DETECTORS: List[Tuple[str, Detector]] = [
-    # PEFT first: a PeftModel forwards attribute look-ups to the model it wraps.
-    ("PEFT adapters (trainable only)", detect_peft),
-    ("timm metadata", detect_timm),
-    ("Hugging Face metadata", detect_hf),
-]
-"""Model-family detectors tried before the generic rule, in order: (label, detector).
-Teaching LIPS a new family is adding a detector here."""
-
-
-def named_slots(model: nn.Module) -> List[NamedSlot]:
-    """Every (name, owning module, local name) of ``model``'s parameters, tied names too."""
-    slots = []
-    for prefix, module in model.named_modules(remove_duplicate=False):
-        for local, _ in module.named_parameters(recurse=False):
-            slots.append((f"{prefix}.{local}" if prefix else local, module, local))
-    return slots
-
-
-def _wrapper_attribute(model: nn.Module) -> Optional[str]:
-    """The attribute holding the wrapped model if ``model`` is a known wrapper."""
-    class_names = {cls.__name__ for cls in type(model).__mro__}
-    for class_name, attribute in families.MODEL_WRAPPERS:
-        inner = model._modules.get(attribute)
-        if (
-            class_name in class_names
-            and isinstance(inner, nn.Module)
-            and list(model._modules) == [attribute]
-            and not model._parameters
-        ):
-            return attribute
-    return None
-
-
-def unwrap(model: nn.Module) -> Tuple[nn.Module, str, Tuple[str, ...]]:
-    """(innermost model, the prefix wrappers add to its names, the wrappers' class
-    names outermost first), peeling ``families.MODEL_WRAPPERS`` as often as they nest."""
-    prefix, wrappers = "", []
-    attribute = _wrapper_attribute(model)
-    while attribute is not None:
-        wrappers.append(type(model).__name__)
-        prefix += attribute + "."
-        model = model._modules[attribute]
-        attribute = _wrapper_attribute(model)
-    return model, prefix, tuple(wrappers)
-
-
-def strip_wrapper_prefixes(name: str) -> str:
-    """``name`` without leading wrapper attributes (``module.``, ``_orig_mod.``), as
-    a state-dict key saved from a wrapped model carries them."""
-    attributes = tuple(attribute + "." for _, attribute in families.MODEL_WRAPPERS)
-    while name.startswith(attributes):
-        name = name.split(".", 1)[1]
-    return name
-
-
-def detect(
-    model: nn.Module,
-    slots: Sequence[NamedSlot],
-    detectors: Optional[Sequence[Tuple[str, Detector]]] = None,
-) -> Tuple[str, Dict[str, Verdict]]:
-    """(label, verdicts) from the first detector that recognises ``model``, else the
-    generic rule. ``detectors`` defaults to :data:`DETECTORS`.
-
-    A wrapped ``model`` (:func:`unwrap`) is detected as the model it wraps, on the
-    slots under the wrappers' prefix; the verdicts carry the prefix again.
-    """
-    inner, prefix, _ = unwrap(model)
-    if prefix:
-        inner_slots = [
-            (name[len(prefix):], module, local)
-            for name, module, local in slots if name.startswith(prefix)
-        ]
-        label, verdicts = detect(inner, inner_slots, detectors)
-        return label, {prefix + name: verdict for name, verdict in verdicts.items()}
-    for label, detector in DETECTORS if detectors is None else detectors:
-        verdicts = detector(model, slots)
-        if verdicts is not None:
-            return label, verdicts
-    return "generic rule (plain torch)", generic_rule(model, slots)
+def _detectors() -> List[Tuple[str, Detector]]:
+    """PEFT adapters first (a PeftModel forwards attribute look-ups to the model it
+    wraps, so family detectors would take it for that model), then the registry."""
+    return [(PEFT_LABEL, detect_peft), *DETECTORS]
 
 
 def find_layers(
@@ -226,7 +150,7 @@ def find_layers(
     include, exclude = tuple(include), tuple(exclude)
     inner, prefix, wrappers = unwrap(model)
     slots = named_slots(model)
-    label, verdicts = detect(model, slots)
+    label, verdicts = detect(model, slots, _detectors())
 
     names_of: Dict[int, List[str]] = {}
     params: Dict[int, nn.Parameter] = {}
