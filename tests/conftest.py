@@ -2,6 +2,20 @@ import pytest
 import torch
 from torch import nn
 
+CUDA_MISSING = (
+    "needs a CUDA GPU: torch.cuda.is_available() is False here (make gpu-check runs "
+    "these on a GPU machine)"
+)
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=[
+        pytest.mark.cuda,
+        pytest.mark.skipif(not torch.cuda.is_available(), reason=CUDA_MISSING),
+    ]),
+]
+"""``@pytest.mark.parametrize("device", DEVICES)``: the CPU half always runs; the CUDA
+half is marked ``cuda`` and skipped without a GPU."""
+
 
 @pytest.fixture(autouse=True)
 def _one_thread():
