@@ -77,7 +77,7 @@ def plan_to_dict(plan: LayerPlan) -> Dict[str, Any]:
         "total_numel": plan.total_numel,
         "tensors": [
             {"name": d.name, "aliases": list(d.aliases), "shape": list(d.shape),
-             "eligible": d.eligible, "reason": d.reason}
+             "eligible": d.eligible, "reason": d.reason, "slices": d.slices}
             for d in plan.decisions
         ],
     }

@@ -121,3 +121,34 @@ HF_BLOCK_MODULES: Dict[str, Tuple[str, ...]] = {
     "albert": ("*albert_layer_groups.*",),
     "distilbert": ("*transformer.layer.*",),
 }
+
+# --- mixture of experts ----------------------------------------------------------------
+# (class-name glob, parameter glob): 3-d tensors that stack every expert's weight along
+# dim 0, ``[experts, out, in]`` (or ``[experts, in, out]``): transformers' fused experts
+# (``mlp.experts.gate_up_proj`` of Mixtral, Qwen-MoE, OLMoE, DeepSeek, ...) and JetMoE's
+# ``ParallelExperts``. Each expert is a layer: its slice is ranked and keeps its own
+# ``int(d * numel)``, exactly as the same expert stored as an ``nn.Linear`` would.
+FUSED_EXPERT_WEIGHTS: Tuple[Tuple[str, str], ...] = (
+    ("*Experts", "gate_up_proj"),
+    ("*Experts", "gate_proj"),
+    ("*Experts", "up_proj"),
+    ("*Experts", "down_proj"),
+    ("*ParallelExperts", "weight"),
+)
+
+# Names (module or parameter attribute) of the routers and gates of a mixture-of-experts
+# block: ``gate`` (Mixtral, Qwen-MoE, OLMoE, DeepSeek, GLM-MoE, Hunyuan's ``gate.wg``),
+# ``router`` (GPT-OSS, Granite-MoE, Jamba, Llama 4, Phi-MoE, JetMoE's ``router.layer``,
+# DBRX's ``router.layer``, Switch/NLLB-MoE/LongCat's ``router.classifier``, AFMoE's
+# ``router.gate``), ``shared_expert_gate`` (Qwen2-MoE, Qwen3-Next: weighs the shared
+# expert) and ``router_gate`` (Doge). They decide where tokens go: always exempt.
+ROUTING_GATE_NAMES: Tuple[str, ...] = ("gate", "router", "shared_expert_gate", "router_gate")
+
+# A module is a mixture-of-experts block, whose children named in ROUTING_GATE_NAMES are
+# its routers, when a child has one of these names, a child's class matches one of
+# these globs, or its own class matches MOE_BLOCK_CLASS_NAMES (blocks that keep their
+# experts in other forms, e.g. Doge's expert embeddings). A ``gate`` elsewhere (a gated
+# fusion layer, say) stays an ordinary layer.
+MOE_EXPERT_CHILD_NAMES: Tuple[str, ...] = ("experts",)
+MOE_EXPERT_CHILD_CLASS_NAMES: Tuple[str, ...] = ("*Experts",)
+MOE_BLOCK_CLASS_NAMES: Tuple[str, ...] = ("*CDMoE",)

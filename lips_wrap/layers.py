@@ -28,6 +28,7 @@ from . import families
 from .detect_peft import PEFT_LABEL, detect_peft
 from .detection import DETECTORS, detect, named_slots, unwrap
 from .detection import strip_wrapper_prefixes as strip_wrapper_prefixes  # re-exported
+from .experts import exempt_routing_gates, slices_by_name
 from .rules import Detector, Verdict
 
 
@@ -40,6 +41,10 @@ class TensorDecision:
     eligible: bool
     reason: str
     aliases: Tuple[str, ...] = ()
+    slices: int = 1
+    """Equal slices along dim 0 that are ranked and masked one by one, each keeping
+    ``int(d * numel_of_slice)``: the experts of a fused mixture-of-experts tensor
+    (``[experts, out, in]``); 1 ranks the tensor whole."""
 
     @property
     def numel(self) -> int:
@@ -47,6 +52,14 @@ class TensorDecision:
         for size in self.shape:
             total *= size
         return total
+
+    @property
+    def why(self) -> str:
+        """The reason, with the per-expert ranking of a fused experts tensor."""
+        if self.slices == 1:
+            return self.reason
+        shape = "x".join(map(str, self.shape[1:]))
+        return f"{self.reason}; per expert, {self.slices} x {shape}"
 
 
 @dataclass(frozen=True)
@@ -102,7 +115,7 @@ class LayerPlan:
             name = d.name + (f" (= {', '.join(d.aliases)})" if d.aliases else "")
             rows.append(
                 (name, "x".join(map(str, d.shape)) or "scalar",
-                 "masked" if d.eligible else "exempt", d.reason)
+                 "masked" if d.eligible else "exempt", d.why)
             )
         widths = [max(len(row[i]) for row in rows) for i in range(3)]
         lines = [
@@ -151,6 +164,8 @@ def find_layers(
     inner, prefix, wrappers = unwrap(model)
     slots = named_slots(model)
     label, verdicts = detect(model, slots, _detectors())
+    verdicts = exempt_routing_gates(model, slots, verdicts)
+    slices = slices_by_name(slots)
 
     names_of: Dict[int, List[str]] = {}
     params: Dict[int, nn.Parameter] = {}
@@ -166,9 +181,10 @@ def find_layers(
     for key, names in names_of.items():
         param = params[key]
         eligible, reason = _decide(names, verdicts, param, include, exclude, prefix)
-        decisions.append(
-            TensorDecision(names[0], tuple(param.shape), eligible, reason, tuple(names[1:]))
-        )
+        decisions.append(TensorDecision(
+            names[0], tuple(param.shape), eligible, reason, tuple(names[1:]),
+            slices.get(names[0], 1) if eligible else 1,
+        ))
     plan = LayerPlan(tuple(decisions), label, prefix, wrappers)
     if not plan.eligible and not allow_empty:
         raise ValueError(

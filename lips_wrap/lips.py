@@ -267,13 +267,14 @@ class LIPS:
                 check_finite(grads[name], f"stored gradient of {name}", allow_inf=True)
         fallback: List[str] = []
         zeroed = 0
+        slices = {d.name: d.slices for d in self.plan.eligible}  # experts of fused tensors
         for name, param in self._params.items():
             targets = [param, *self.optimizer.state_tensors(param)]
             if mask_by_score_(targets, param, grads[name], density, cfg.score,
                               seed=cfg.seed, round_index=round_index, name=name,
-                              reference=self._reference.get(name)):
+                              reference=self._reference.get(name), slices=slices[name]):
                 fallback.append(name)
-            zeroed += param.numel() - keep_count(param.numel(), density)
+            zeroed += param.numel() - keep_count(param.numel(), density, slices[name])
         if fallback:
             logger.info(
                 "LIPS round %d: no stored gradient for %d tensors (this client has not "

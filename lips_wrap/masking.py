@@ -21,7 +21,9 @@ from .selection import (
     check_finite,
     kth_largest_counts,
     select_top_k,
+    select_top_k_slices,
     selection_mask,
+    split_slices,
 )
 
 __all__ = [
@@ -34,12 +36,17 @@ SCORE_CHUNK = 1 << 16
 """Entries per chunk when a score is computed from contiguous CPU tensors."""
 
 
-def keep_count(numel: int, density: float) -> int:
+def keep_count(numel: int, density: float, slices: int = 1) -> int:
     """Entries kept in a tensor of ``numel`` entries: ``int(density * numel)``, as the
-    reference computes it."""
+    reference computes it; for a tensor ranked in ``slices`` equal slices (the experts
+    of a fused mixture-of-experts tensor), ``int(density * numel / slices)`` per slice."""
     if not 0.0 < density <= 1.0:
         raise ValueError(f"density must be in (0, 1], got {density!r}")
-    return int(density * numel)
+    if isinstance(slices, bool) or not isinstance(slices, int) or slices < 1 or numel % slices:
+        raise ValueError(
+            f"slices must be a positive integer dividing numel={numel}, got {slices!r}"
+        )
+    return slices * int(density * (numel // slices))
 
 
 def sensitivity_score(weight: Tensor, grad: Tensor) -> Tensor:
@@ -166,6 +173,7 @@ def mask_by_score_(
     round_index: int = 0,
     name: str = "weight",
     reference: Optional[Tensor] = None,
+    slices: int = 1,
 ) -> bool:
     """Score ``weight`` by ``kind``, keep its ``int(density * numel)`` best entries
     and overwrite the others, in place, in every tensor of ``targets``.
@@ -178,8 +186,11 @@ def mask_by_score_(
     ``signal`` is the ``g`` of the sensitivity score (a client's last-step gradient,
     or the server's global update); without one the score falls back to magnitude,
     and True is returned. ``seed``, ``round_index`` and ``name`` seed the random
-    score. The caller has checked ``weight`` (and ``reference``) for NaN/inf and
-    ``signal`` for NaN; infinite entries of ``signal`` are saturated.
+    score. ``slices`` > 1 cuts every tensor into that many equal slices along dim 0
+    (the experts of a fused ``[experts, out, in]`` tensor) and ranks each on its own:
+    every slice keeps exactly ``int(density * numel_of_slice)`` entries. The caller
+    has checked ``weight`` (and ``reference``) for NaN/inf and ``signal`` for NaN;
+    infinite entries of ``signal`` are saturated.
     """
     fell_back = kind == "sensitivity" and signal is None
     if fell_back:
@@ -191,10 +202,15 @@ def mask_by_score_(
     if reference is not None:
         moved = weight.to(torch.float32) - reference.to(weight.device, torch.float32)
     score = compute_score(kind, moved, signal, generator)
-    kept = keep_count(weight.numel(), density)
+    kept = keep_count(weight.numel(), density, slices) // slices
     # Inputs are finite and the signal saturated, so the score holds no NaN (an
     # overflow to +inf ranks first).
-    selection = select_top_k(score, kept, name, check=False)
-    fills = None if reference is None else [reference] + [None] * (len(targets) - 1)
-    apply_selection_(targets, score, selection, fills=fills)
+    selections = select_top_k_slices(score, slices, kept, name, check=False)
+    parts = [split_slices(tensor, slices, name) for tensor in targets]
+    fills = None if reference is None else split_slices(reference, slices, name)
+    for index, (part, selection) in enumerate(zip(split_slices(score, slices), selections)):
+        apply_selection_(
+            [tensors[index] for tensors in parts], part, selection,
+            fills=None if fills is None else [fills[index]] + [None] * (len(targets) - 1),
+        )
     return fell_back

@@ -122,6 +122,61 @@ def select_top_k(
     return Selection(threshold, cutoff, k)
 
 
+def select_top_k_slices(
+    score: Tensor, slices: int, k: int, name: str = "score", check: bool = True,
+) -> List[Selection]:
+    """One :class:`Selection` per slice of ``score``, cut into ``slices`` equal slices
+    along dim 0 (the experts of a fused ``[experts, out, in]`` tensor): each keeps
+    exactly ``k`` entries of its slice by the rule of :func:`select_top_k`, its cutoff
+    a flat index within the slice. Small slices are resolved together (one batched
+    ``torch.kthvalue``, no per-slice synchronisation), large ones one by one. With
+    ``slices=1`` this is ``[select_top_k(score, k)]``.
+    """
+    rows = split_slices(score, slices, name)
+    width = score.numel() // slices
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= width:
+        raise ValueError(
+            f"k must be an integer in [0, {width}] for each slice of {name}, got {k!r}"
+        )
+    if slices == 1 or width > SMALL or k in (0, width):
+        return [
+            select_top_k(row, k, name if slices == 1 else f"{name} (slice {index})",
+                         check=check)
+            for index, row in enumerate(rows)
+        ]
+    if not score.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {score.dtype}")
+    table = score.reshape(slices, width)
+    if check:
+        check_finite(table, name)
+    thresholds = torch.kthvalue(table, width - k + 1, dim=1).values.unsqueeze(1)
+    above = torch.gt(table, thresholds).sum(dim=1)
+    equal = torch.eq(table, thresholds)
+    needed = k - above  # how many entries tied with the threshold are kept, >= 1
+    position = torch.lt(equal.cumsum(dim=1), needed.unsqueeze(1)).sum(dim=1)
+    cutoffs = torch.where(needed == equal.sum(dim=1), width, position + 1)
+    return [
+        Selection(threshold, cutoff, k)
+        for threshold, cutoff in zip(thresholds.view(-1).tolist(), cutoffs.tolist())
+    ]
+
+
+def split_slices(tensor: Tensor, slices: int, name: str = "tensor") -> Tuple[Tensor, ...]:
+    """``tensor`` cut into ``slices`` equal views along dim 0 (each of shape
+    ``(rows, *tensor.shape[1:])``); writes to a view write to ``tensor``."""
+    if isinstance(slices, bool) or not isinstance(slices, int) or slices < 1:
+        raise ValueError(f"slices must be a positive integer for {name}, got {slices!r}")
+    if slices == 1:
+        return (tensor,)
+    rows = tensor.shape[0] if tensor.dim() else 1
+    if tensor.dim() == 0 or rows % slices:
+        raise ValueError(
+            f"{name} of shape {tuple(tensor.shape)} cannot be cut into {slices} equal "
+            "slices along dim 0"
+        )
+    return tensor.unflatten(0, (slices, rows // slices)).unbind(0)
+
+
 def kth_largest_counts(
     flat: Tensor, k: int, name: str = "score", chunk: Optional[int] = None,
     check: bool = True,
@@ -145,6 +200,8 @@ def kth_largest_counts(
         elif above < k <= above + inside.numel():
             value, more, ties = kth_largest_counts(inside, k - above, name, step, check=False)
             return value, above + more, ties
+    elif check:  # the pass stopped early (too many candidates) before its finiteness test
+        check_finite(flat, name)
     return _fallback(flat, k, step)
 
 

@@ -83,12 +83,13 @@ def mask_global_state(
                 [masked], weight, delta, density, config.score, seed=config.seed,
                 round_index=round_index, name=decision.name,
                 reference=None if reference is None else reference[decision.name],
+                slices=decision.slices,
             ):
                 fallback.append(decision.name)
             for name in (decision.name,) + decision.aliases:
                 if name in result:
                     result[name] = masked
-            zeroed += weight.numel() - keep_count(weight.numel(), density)
+            zeroed += weight.numel() - keep_count(weight.numel(), density, decision.slices)
     report = MaskReport(round_index, density, config.score, len(plan.eligible), zeroed,
                         plan.masked_numel, tuple(fallback))
     return result, report

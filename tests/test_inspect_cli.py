@@ -184,7 +184,7 @@ def test_inspect_json_matches_the_plan(capsys, monkeypatch):
     assert [t["name"] for t in data["tensors"] if t["eligible"]] == ["1.weight"]
     assert data["tensors"][0] == {"name": "0.weight", "aliases": [], "shape": [8, 4],
                                   "eligible": False,
-                                  "reason": plan.decisions[0].reason}
+                                  "reason": plan.decisions[0].reason, "slices": 1}
 
 
 def test_nothing_eligible_is_a_failed_check_exit_1(capsys, monkeypatch):

@@ -140,6 +140,16 @@ def test_non_finite_scores_are_refused(bad, numel):
         keep_mask(score, numel, "w1")
 
 
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_non_finite_score_is_refused_when_the_bracket_overflows(bad):
+    # A heavy tie makes the bracket collect more candidates than its budget, so the
+    # exact fallback decides; the check must not be skipped on that path.
+    score = torch.ones(50_000)
+    score[7] = bad
+    with pytest.raises(NonFiniteError, match="w1 holds 1 NaN or inf"):
+        select_top_k(score, 3, "w1")
+
+
 def test_bad_k_is_refused():
     with pytest.raises(ValueError, match=r"k must be an integer in \[0, 4\].*got 5"):
         select_top_k(torch.zeros(4), 5)
