@@ -11,7 +11,7 @@ FEDML_VENV := .venv-fedml
 FEDML_BIN := $(FEDML_VENV)/bin
 FEDML_STAMP := $(FEDML_VENV)/.lips-installed
 
-.PHONY: demo test lint docs pytest pytest-fedml wheel-check clean
+.PHONY: demo test lint docs pytest pytest-fedml wheel-check gpu-check clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -64,6 +64,12 @@ wheel-check: $(STAMP)
 	.venv-wheel/bin/pip install -q torch==2.13.0
 	.venv-wheel/bin/pip install -q dist/*.whl
 	cd /tmp && $(CURDIR)/.venv-wheel/bin/python -c "import lips_wrap, lips_wrap.integrations, lips_wrap.integrations.custom; print('wheel ok:', lips_wrap.__version__, lips_wrap.__file__)"
+
+# On a machine with a CUDA GPU: the CUDA tests, the benchmarks on the GPU and a slice of
+# the paper setups, about ten minutes on one H100 (scripts/gpu_check.sh; output in
+# gpu-check-out/). Without a GPU it says so and exits 0; no venv is built for it.
+gpu-check:
+	bash scripts/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) .venv-wheel .venv-fedml dist build *.egg-info

@@ -11,6 +11,12 @@ dicts as it masks CPU ones.
 from __future__ import annotations
 
 import io
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -273,3 +279,55 @@ def test_server_masks_device_state_dicts(device, score, previous_on):
         if score != "random":  # random draws come from the device's own generator
             assert torch.equal(tensor.cpu(), on_cpu[name]), f"{name}: not the CPU's mask"
 
+
+
+# -- scripts/gpu_check.sh (make gpu-check) ------------------------------------------------
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "gpu_check.sh"
+STEPS = {  # step -> what its output must hold
+    "torch": r"torch \S+ CUDA",
+    "pytest-cuda": r"\d+ skipped",
+    "mask_speed": r"mask/fedavg ratio: \d+\.\d+\n?$",
+    "step_overhead": r"step overhead ratio: \d+\.\d+\n?$",
+    "memory": r"memory ratio: \d+\.\d+\n?$",
+    "slice-paper-cifar100-resnet8": r"slice paper-cifar100-resnet8: \S+ / FedAvg time per round",
+    "slice-paper-cifar10-vgg11": r"slice paper-cifar10-vgg11: \S+ / FedAvg time per round",
+}
+
+
+def _gpu_check(tmp_path, *args, **env):
+    return subprocess.run(
+        ["bash", str(SCRIPT), *args], capture_output=True, text=True, timeout=900,
+        env={**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", **env})
+
+
+def test_gpu_check_without_a_gpu_says_so_in_one_line_and_exits_0(tmp_path):
+    out = tmp_path / "out"
+    done = _gpu_check(tmp_path, CUDA_VISIBLE_DEVICES="", OUT=str(out))
+    assert done.returncode == 0, done.stderr
+    lines = (done.stdout + done.stderr).splitlines()
+    assert len(lines) == 1 and "no GPU" in lines[0], lines
+    assert not out.exists()  # nothing written
+    wrong = _gpu_check(tmp_path, "--gpu")
+    assert wrong.returncode == 2 and "unknown argument '--gpu'" in wrong.stderr
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_runs_every_step_on_the_cpu(tmp_path):
+    """The whole script on the CPU at tiny sizes: the GPU run can fail only on what is
+    truly CUDA-specific."""
+    out = tmp_path / "out"
+    done = _gpu_check(tmp_path, "--dry-run", GPU_CHECK_OUT=str(out), CUDA_VISIBLE_DEVICES="")
+    assert done.returncode == 0, done.stdout[-3000:]
+    summary = done.stdout.split("== summary (cpu, ")[1].splitlines()[1:]
+    assert [line.split()[0] for line in summary] == list(STEPS)
+    assert all(line.split()[1:3] == ["exit", "0"] for line in summary), summary
+    log = (out / "gpu-check.log").read_text()
+    for name, pattern in STEPS.items():
+        text = (out / f"{name}.txt").read_text()
+        assert re.search(pattern, text), f"{name}: {text[-1000:]}"
+        assert text.strip().splitlines()[-1] in log, name  # the log holds every step
+    for setup in ("paper-cifar100-resnet8", "paper-cifar10-vgg11"):
+        stored = json.loads((out / "paper-slice" / f"{setup}-slice.json").read_text())
+        arms = stored["seconds_per_round"]
+        assert len(arms) == 2 and "FedAvg" in arms, setup
