@@ -1,161 +1,183 @@
-"""The documentation cannot drift from the code: the Python blocks of the README and of
-the docs pages run here, in order, one namespace per page.
+"""The documentation cannot drift from the code: every visible Python block of the
+README and of the docs pages runs as pasted, alone, in a fresh interpreter.
 
-Conventions a page can use (HTML comments: invisible on GitHub, PyPI and the site):
+What a reader sees is what runs. A page can use:
 
-* ``<!-- test-code`` ... ``-->``: hidden Python run in document order with the visible
-  blocks (a small model or data for the example to run on, or checks after it);
-* ``<!-- test-requires: fedml, flwr -->``: the page runs only where these import;
-* ``<!-- test-skip: reason -->``: the next Python block is not run.
+* a collapsible set-up block: a Python block inside ``??? example "Set-up ..."``
+  (``pymdownx.details``, on the site) or ``<details><summary>Set-up ...</summary>``
+  (the README, rendered by GitHub and PyPI). Every block below it on the page runs
+  after the page's set-up blocks above it, as a reader pastes them;
+* ``# continues the blocks above`` as a block's first line: it runs after the page's
+  set-up and earlier blocks (a FedML trainer defined in one block, run in the next);
+* a visible line ``*Not runnable as pasted: <why>*`` right before a block that needs a
+  running server or another venv: that block is not run here;
+* ``<!-- test-requires: fedml, flwr -->``: the page runs only where these import.
 
-``make docs`` builds the site in strict mode (broken links and references fail); this
-file checks what a build cannot: that the examples run.
+``make docs`` builds the site in strict mode; ``test_built_site`` checks the HTML.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
-from dataclasses import dataclass
+import subprocess
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List
+from typing import List, Tuple
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs"
 
-CODE_PAGES = ["README.md", "docs/index.md", "docs/method.md", "docs/detection.md",
-              "docs/diagnostics.md", "docs/settings.md", "docs/integrations/custom.md",
-              "docs/integrations/flower.md", "docs/integrations/huggingface.md"]
-"""Pages whose Python blocks run in the project's venv (fedml.md: see below)."""
-
-FENCE = re.compile(
-    r"^```python[^\n]*\n(?P<code>.*?)^```\s*$"
-    r"|<!-- test-code\n(?P<hidden>.*?)-->"
-    r"|<!-- test-skip: (?P<skip>[^\n]*?) -->"
-    r"|<!-- test-requires: (?P<requires>[^\n]*?) -->",
-    re.S | re.M,
-)
-
-FLOWER_NAMES = '''
-import torch
-from torch import nn
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
-from flwr.clientapp import ClientApp
-from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import FedAvg
-
-class _App:
-    """Stands for the page's ``app``: a ClientApp in one block, a ServerApp in another."""
-    def __init__(self):
-        self.client, self.server = ClientApp(), ServerApp()
-    def train(self, *args, **kwargs):
-        return self.client.train(*args, **kwargs)
-    def evaluate(self, *args, **kwargs):
-        return self.client.evaluate(*args, **kwargs)
-    def main(self, *args, **kwargs):
-        return self.server.main(*args, **kwargs)
-
-app = _App()
-def Net():
-    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
-'''
-
-EXTRA_SETUP: Dict[str, str] = {"docs/integrations/flower.md": FLOWER_NAMES}
-"""Names a page's blocks use but (being fragments of a larger app) do not define."""
+FENCE_OPEN = re.compile(r"^(?P<indent>[ \t]*)```(?P<lang>[\w+-]*)[^\n]*$")
+SETUP_TITLE = re.compile(r'^\s*(\?\?\?\+? \w+ "Set-up|<details><summary>Set-up)')
+NOT_RUNNABLE = "*Not runnable as pasted:"
+CONTINUES = "# continues the blocks above"
+REQUIRES = re.compile(r"<!-- test-requires: (?P<modules>[^\n]*?) -->")
+FEDML_PAGE = "docs/integrations/fedml.md"
 
 
 @dataclass
-class Piece:
-    code: str
+class Block:
+    page: str
     line: int
-    hidden: bool
+    code: str
+    kind: str  # "setup", "run" or "not-runnable"
+    note: str = ""  # the paragraph right above the block
+    prelude: List[str] = field(default_factory=list)
+
+    @property
+    def script(self) -> str:
+        return "\n".join(self.prelude + [self.code])
 
 
-def pieces(page: str) -> tuple:
-    """(pieces to run, modules required) of one page."""
-    text = (REPO / page).read_text()
-    found: List[Piece] = []
-    requires: List[str] = []
-    skip_next = False
-    for match in FENCE.finditer(text):
-        line = text.count("\n", 0, match.start()) + 1
-        if match.group("requires") is not None:
-            requires += [m.strip() for m in match.group("requires").split(",") if m.strip()]
-        elif match.group("skip") is not None:
-            assert match.group("skip").strip(), f"{page}:{line}: test-skip needs a reason"
-            skip_next = True
-        elif match.group("hidden") is not None:
-            found.append(Piece(match.group("hidden"), line + 1, True))
-        elif skip_next:
-            skip_next = False
-        else:
-            found.append(Piece(match.group("code"), line + 1, False))
+def blocks(page: str) -> Tuple[List[Block], List[str]]:
+    """(every Python block of ``page`` with what runs before it, modules required)."""
+    text = (REPO / page).read_text(encoding="utf-8")
+    requires = [m.strip() for found in REQUIRES.finditer(text)
+                for m in found.group("modules").split(",") if m.strip()]
+    lines = text.splitlines()
+    found: List[Block] = []
+    setups: List[str] = []
+    runs: List[str] = []
+    paragraph: List[str] = []
+    i = 0
+    while i < len(lines):
+        opening = FENCE_OPEN.match(lines[i])
+        if not opening:
+            if lines[i].strip() and i and not lines[i - 1].strip():
+                paragraph = []
+            paragraph += [lines[i]] if lines[i].strip() else []
+            i += 1
+            continue
+        indent = opening.group("indent")
+        end = i + 1
+        while end < len(lines) and lines[end].strip() != "```":
+            end += 1
+        assert end < len(lines), f"{page}:{i + 1}: unclosed code fence"
+        body = [line[len(indent):] if line.startswith(indent) else line.lstrip()
+                for line in lines[i + 1:end]]
+        code = "\n".join(body) + "\n"
+        if opening.group("lang") in ("python", "py"):
+            note = " ".join(line.strip() for line in paragraph)
+            if paragraph and SETUP_TITLE.match(paragraph[-1]):
+                kind = "setup"
+            elif note.startswith(NOT_RUNNABLE):
+                kind = "not-runnable"
+            else:
+                kind = "run"
+            prelude = setups + (runs if code.startswith(CONTINUES) else [])
+            found.append(Block(page, i + 2, code, kind, note, list(prelude)))
+            (setups if kind == "setup" else runs if kind == "run" else []).append(code)
+        paragraph, i = [], end + 1
     return found, requires
 
 
-def run_page(page: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> int:
-    """Run a page's pieces; returns how many visible blocks ran."""
-    found, requires = pieces(page)
-    missing = [m for m in requires if importlib.util.find_spec(m) is None]
+def pages() -> List[str]:
+    return ["README.md"] + sorted(str(p.relative_to(REPO)) for p in DOCS.rglob("*.md"))
+
+
+def runnable(page_filter) -> list:
+    return [pytest.param(b, id=f"{b.page}:{b.line}")
+            for page in pages() if page_filter(page)
+            for b in blocks(page)[0] if b.kind == "run"]
+
+
+def run_block(block: Block, tmp_path: Path) -> None:
+    """Run one block (after its prelude) as a script in a fresh interpreter."""
+    missing = [m for m in blocks(block.page)[1] if importlib.util.find_spec(m) is None]
     if missing:
-        pytest.skip(f"{page} needs {', '.join(missing)}")
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.syspath_prepend(str(REPO))
-    namespace: Dict[str, object] = {"__name__": f"docs_{Path(page).stem}"}
-    if page in EXTRA_SETUP:
-        exec(compile(EXTRA_SETUP[page], f"<setup of {page}>", "exec"), namespace)
-    for piece in found:
-        label = f"{page}:{piece.line}" + (" (hidden)" if piece.hidden else "")
-        code = compile(piece.code, label, "exec")
-        try:
-            exec(code, namespace)
-        except Exception as error:  # name the block that broke
-            raise AssertionError(f"the block at {label} failed: {error!r}") from error
-    return sum(not p.hidden for p in found)
+        pytest.skip(f"{block.page} needs {', '.join(missing)}")
+    script = tmp_path / "block.py"
+    script.write_text(block.script, encoding="utf-8")
+    env = dict(os.environ, OMP_NUM_THREADS="1", MPLBACKEND="Agg", PYTHONPATH=str(REPO),
+               HOME=str(tmp_path / "home"), WANDB_MODE="disabled", HF_HUB_OFFLINE="1",
+               TRANSFORMERS_OFFLINE="1", FLWR_TELEMETRY_ENABLED="0")
+    done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, (
+        f"the block at {block.page}:{block.line} failed when run as pasted:\n"
+        f"{done.stdout[-2000:]}{done.stderr[-4000:]}"
+    )
 
 
-@pytest.mark.parametrize("page", CODE_PAGES)
-def test_page_code_blocks(page, tmp_path, monkeypatch):
-    if not (REPO / page).exists():
-        pytest.skip(f"{page} does not exist yet")
-    run_page(page, tmp_path, monkeypatch)
+@pytest.mark.parametrize("block", runnable(lambda page: page != FEDML_PAGE))
+def test_code_block_runs_as_pasted(block, tmp_path):
+    run_block(block, tmp_path)
+
+
+@pytest.mark.parametrize("block", runnable(lambda page: page == FEDML_PAGE))
+def test_fedml_page_code_blocks(block, tmp_path):
+    """Runs in .venv-fedml (``make pytest-fedml``); skipped where fedml is missing."""
+    run_block(block, tmp_path)
+
+
+def test_no_hidden_code_and_every_skip_says_why():
+    """No page hides code from its reader; a block left unrun says why, visibly."""
+    for page in pages():
+        text = (REPO / page).read_text(encoding="utf-8")
+        assert "<!-- test-code" not in text and "<!-- test-skip" not in text, page
+        for block in blocks(page)[0]:
+            if block.kind == "not-runnable":
+                assert re.search(r"server|SuperLink|venv", block.note), (
+                    f"{page}:{block.line}: only blocks that need a running server or "
+                    f"another venv may be left unrun, and the note says which: "
+                    f"{block.note!r}")
 
 
 def test_quickstart_and_integration_pages_carry_runnable_blocks():
-    """The pages that must carry runnable examples do carry them, none skipped, and no
-    requirement outside the project's venv (so test_page_code_blocks runs them)."""
-    for page in ("README.md", "docs/index.md", "docs/integrations/custom.md"):
-        found, requires = pieces(page)
-        assert sum(not p.hidden for p in found) >= 1 and not requires, page
-    text = (REPO / "docs/index.md").read_text()
-    assert "test-skip" not in text and "test-skip" not in (
-        REPO / "docs/integrations/custom.md").read_text()
+    for page in ("README.md", "docs/index.md", "docs/integrations/custom.md",
+                 "docs/integrations/flower.md", "docs/integrations/huggingface.md"):
+        found, requires = blocks(page)
+        assert any(b.kind == "run" for b in found), page
+        assert not any(b.kind == "not-runnable" for b in found
+                       if page in ("docs/index.md", "docs/integrations/custom.md")), page
 
 
-def test_fedml_page_code_blocks(tmp_path, monkeypatch):
-    """Runs in .venv-fedml (``make pytest-fedml``); skipped where fedml is missing."""
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("WANDB_MODE", "disabled")
-    assert run_page("docs/integrations/fedml.md", tmp_path, monkeypatch) >= 1
-
-
-def test_fence_parser_reads_hidden_code_skips_and_requirements(tmp_path):
+def test_block_parser_reads_setups_continuations_and_notes(tmp_path):
     page = tmp_path / "page.md"
     page.write_text(
         "<!-- test-requires: json, os -->\n"
-        "<!-- test-code\nx = 1\n-->\n"
+        '??? example "Set-up: a toy model"\n\n'
+        "    ```python\n    x = 1\n    ```\n\n"
         "```python\ny = x + 1\n```\n"
-        "<!-- test-skip: needs a GPU -->\n"
+        "*Not runnable as pasted: needs a running SuperLink.*\n\n"
         "```python\nraise SystemExit\n```\n"
         "```bash\nls\n```\n"
-        "```python\nassert y == 2\n```\n"
+        "```python\n# continues the blocks above\nassert y == 2\n```\n"
     )
-    found, requires = pieces(str(page))
+    found, requires = blocks(str(page))
     assert requires == ["json", "os"]
-    assert [(p.code, p.hidden) for p in found] == [
-        ("x = 1\n", True), ("y = x + 1\n", False), ("assert y == 2\n", False)]
+    assert found[2].note == "*Not runnable as pasted: needs a running SuperLink.*"
+    assert [(b.kind, b.code, b.prelude) for b in found] == [
+        ("setup", "x = 1\n", []),
+        ("run", "y = x + 1\n", ["x = 1\n"]),
+        ("not-runnable", "raise SystemExit\n", ["x = 1\n"]),
+        ("run", "# continues the blocks above\nassert y == 2\n", ["x = 1\n", "y = x + 1\n"]),
+    ]
 
 
 def test_readme_links_resolve():
