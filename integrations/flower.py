@@ -243,9 +243,11 @@ def lips_train(
     checks that the tensors it masks equal the message's arrays and raises if not
     (the arrays were not loaded yet). It then restores this node's LIPS state from
     ``context.state`` and masks ``model`` if the round (``server-round`` - 1) is a mask
-    round; train inside the block with ``lips.optimizer``. On a clean exit the state
-    (last-step gradients, last round) is written back to ``context.state``; if the block
-    raises, the state stays as it was. ``lips.last_report`` tells what was masked;
+    round; train inside the block with ``lips.optimizer``. On a clean exit it checks
+    that the training went through ``lips.optimizer`` (:meth:`~lips_wrap.LIPS.end_round`:
+    a warning, or an error with ``LIPSConfig(unwrapped_training="error")``), then writes
+    the state (last-step gradients, last round) back to ``context.state``; if the block
+    or the check raises, the state stays as it was. ``lips.last_report`` tells what was masked;
     :func:`report_metrics` turns it into reply metrics.
 
     Args:
@@ -277,6 +279,12 @@ def lips_train(
             "node %s, %s: %s", context.node_id, _round_label(server_round), _report_text(report)
         )
     yield lips
+    lips.end_round(
+        f"leaving lips_train (node {context.node_id}, {_round_label(server_round)})",
+        "inside `with lips_train(model, optimizer, msg, context, config) as lips:` train "
+        "with lips.optimizer (e.g. train_fn(model, lips.optimizer)), not with the "
+        "optimizer passed to lips_train",
+    )
     _save_state(lips, context.state, state_key)
 
 

@@ -30,13 +30,17 @@ class ClientStates:
                 train(model, lips.optimizer)
     """
 
-    def __init__(self, lips: LIPS, carry: Optional["ClientStates"] = None) -> None:
+    def __init__(
+        self, lips: LIPS, carry: Optional["ClientStates"] = None, fix: Optional[str] = None
+    ) -> None:
         """``carry``: the states of another ``ClientStates`` to take over, e.g. when a
         new LIPS is built each round around a fresh optimizer (call its
-        :meth:`save` first)."""
+        :meth:`save` first). ``fix``: how the warning about training that bypassed
+        ``lips.optimizer`` tells the fix, in the caller's terms (an adapter's)."""
         if not isinstance(lips, LIPS):
             raise TypeError(f"ClientStates needs a LIPS, got {type(lips).__name__}")
         self.lips = lips
+        self._fix = fix
         self._fresh = {**lips.state_dict(), "last_round": None, "grads": {}}
         self._states: Dict[Hashable, Dict[str, Any]] = (
             {} if carry is None else dict(carry._states)
@@ -53,8 +57,12 @@ class ClientStates:
         self.active = client
 
     def save(self) -> None:
-        """Store the active client's current state (done by :meth:`activate` too)."""
+        """Store the active client's current state (done by :meth:`activate` too),
+        after :meth:`LIPS.end_round`: its training since its round began must have
+        gone through ``lips.optimizer`` (a warning or an error otherwise, per
+        ``LIPSConfig.unwrapped_training``)."""
         if self.active is not _NO_CLIENT:
+            self.lips.end_round(f"the round of client {self.active!r}", self._fix)
             self._states[self.active] = self.lips.state_dict()
 
     def state_of(self, client: Hashable) -> Mapping[str, Any]:

@@ -57,7 +57,11 @@ class LIPSConfig:
         include: name patterns (``fnmatch`` globs on parameter names) that make a
             tensor eligible, whatever the detection says.
         exclude: name patterns that make a tensor exempt; they win over ``include``.
-        grad_dtype: dtype of the stored last-step gradients (float16, bfloat16, float32).
+        grad_dtype: dtype of the stored last-step gradients ``g``: ``bfloat16``
+            (default: half the memory of float32, float32's range, so its ranking
+            does not depend on how small the gradients are), ``float16`` (the
+            reference's choice: finer steps, but gradients below 6e-5 lose precision
+            and below 6e-8 become 0, which LIPS warns about) or ``float32`` (exact).
         grad_device: where stored gradients live; ``None`` keeps them beside the
             parameter, ``"cpu"`` moves them off the accelerator for large models.
         seed: seed of the ``random`` score.
@@ -77,7 +81,7 @@ class LIPSConfig:
     score: str = "sensitivity"
     include: Tuple[str, ...] = field(default=())
     exclude: Tuple[str, ...] = field(default=())
-    grad_dtype: torch.dtype = torch.float16
+    grad_dtype: torch.dtype = torch.bfloat16
     grad_device: Optional[str] = None
     seed: int = 0
     unwrapped_training: str = "warn"

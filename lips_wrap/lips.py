@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Set, Tuple
 
 import torch
 from torch import nn
@@ -14,7 +14,7 @@ from .layers import LayerPlan, find_layers
 from .masking import check_finite, keep_count, mask_by_score_
 from .optimizer import LIPSOptimizer
 from .report import MaskReport
-from .schedule import check_round, density_at
+from .schedule import check_round, density_at, is_mask_round
 from .witness import TrainingWitness
 
 logger = logging.getLogger(__name__)
@@ -24,6 +24,15 @@ STATE_KEYS = ("version", "last_round", "grads")
 """Keys every LIPS state holds; ``reference`` is added in the fine-tuning mode."""
 
 __all__ = ["LIPS", "MaskReport", "STATE_VERSION"]
+
+_TRAIN_WITH_WRAPPER = (
+    "train with lips.optimizer, the wrapper (e.g. lips.optimizer.step(), "
+    "scaler.step(lips.optimizer), Trainer(optimizers=(lips.optimizer, scheduler)))"
+)
+SUBNORMAL_WARNING_SHARE = 0.1
+"""Share of a float16 stored gradient's non-zero entries that may be subnormal before
+LIPS warns (once per tensor): below float16's smallest normal, 6.1e-5, entries keep
+fewer significant bits, and below 6e-8 they are stored as 0."""
 
 
 def _single_device(model: nn.Module) -> None:
@@ -111,6 +120,8 @@ class LIPS:
         self._witness = TrainingWitness(self._params, self.optimizer)
         self._last_round: Optional[int] = None
         self.last_report: Optional[MaskReport] = None
+        self._fallback_warned = False
+        self._precision_warned: Set[str] = set()
 
     def set_reference(self, weights: Mapping[str, torch.Tensor]) -> None:
         """Set the weights dropped entries return to in the fine-tuning mode
@@ -180,7 +191,9 @@ class LIPS:
         each eligible tensor keeps its ``int(d * numel)`` best-scoring entries; the
         rest are set to zero (or to the reference in the fine-tuning mode), and the
         optimizer state at those entries to exactly zero. Otherwise nothing changes.
-        Rounds must increase from call to call. On any error nothing is changed.
+        Rounds must increase from call to call; they may skip (a client that missed
+        rounds), and the report's ``skipped`` names the mask rounds it missed. On any
+        error nothing is changed.
         """
         round = check_round(round, self.config)  # noqa: A001
         if self._last_round is not None and round <= self._last_round:
@@ -190,21 +203,41 @@ class LIPS:
                 "client's state with load_state_dict() before its round"
             )
         self._check_parameters()
-        self._check_training(round)
+        self._check_training(f"on_global_model({round})", _TRAIN_WITH_WRAPPER)
         self.optimizer.before_next_step = None
         density = density_at(round, self.config)
+        skipped = self._skipped_masks(round)
         report = (
-            self._mask(round, density)
+            self._mask(round, density, skipped)
             if density is not None
-            else MaskReport(round, None, None, 0, 0, self.plan.masked_numel)
+            else MaskReport(round, None, None, 0, 0, self.plan.masked_numel,
+                            skipped=skipped)
         )
         self._last_round = round
         self.last_report = report
         self._witness.mark()
         if report.masked:
             self._guard_mask(round)
-        logger.debug("%s", report)
+        if skipped:
+            logger.info("%s", report)
+        else:
+            logger.debug("%s", report)
         return report
+
+    def end_round(self, where: str = "lips.end_round()", fix: Optional[str] = None) -> None:
+        """Call when this round's local training is over: checks that it went through
+        :attr:`optimizer` and warns or raises (``LIPSConfig.unwrapped_training``) if
+        the model was trained some other way. The next :meth:`on_global_model` checks
+        the same; callers that build a new LIPS every round (the Flower and FedML
+        adapters) never reach it and call this instead. ``where`` and ``fix`` name
+        the caller and the fix in the caller's terms in the message."""
+        self._check_training(where, fix or _TRAIN_WITH_WRAPPER)
+
+    def _skipped_masks(self, round_index: int) -> Tuple[int, ...]:
+        """Mask rounds before ``round_index`` that this client's LIPS never saw:
+        since its last round, or since the start of the run for its first."""
+        first = 0 if self._last_round is None else self._last_round + 1
+        return tuple(r for r in range(first, round_index) if is_mask_round(r, self.config))
 
     def _guard_mask(self, round_index: int) -> None:
         """Warn at the next step if the masked weights were overwritten before it,
@@ -237,7 +270,9 @@ class LIPS:
                     "assigning a new nn.Parameter); build LIPS after the model is final"
                 )
 
-    def _check_training(self, round_index: int) -> None:
+    def _check_training(self, where: str, fix: str) -> None:
+        """Warn or raise (per ``unwrapped_training``) if the model was trained without
+        the wrapper since the last mark; after a warning, the evidence is said once."""
         evidence = self._witness.unwrapped_training()
         if evidence is None or self.config.unwrapped_training == "ignore":
             return
@@ -246,18 +281,17 @@ class LIPS:
             else f"since on_global_model({self._last_round})"
         )
         message = (
-            f"on_global_model({round_index}): {evidence} {since}. LIPS kept no gradient "
-            "from that training, so its masks score by magnitude (or by stale gradients) "
-            "instead of |g * W|. Fix: train with lips.optimizer, the wrapper (e.g. "
-            "lips.optimizer.step(), scaler.step(lips.optimizer), "
-            "Trainer(optimizers=(lips.optimizer, scheduler)))"
+            f"{where}: {evidence} {since}. LIPS kept no gradient from that training, so "
+            "its masks score by magnitude (or by stale gradients) instead of |g * W|. "
+            f"Fix: {fix}"
         )
         if self.config.unwrapped_training == "error":
             raise RuntimeError(message)
+        self._witness.mark()
         warnings.warn(message, UserWarning, stacklevel=3)
 
     @torch.no_grad()
-    def _mask(self, round_index: int, density: float) -> MaskReport:
+    def _mask(self, round_index: int, density: float, skipped: Tuple[int, ...]) -> MaskReport:
         cfg = self.config
         grads = {name: self.optimizer.captured_grad(p) for name, p in self._params.items()}
         for name, param in self._params.items():
@@ -265,6 +299,8 @@ class LIPS:
             if cfg.score == "sensitivity" and grads[name] is not None:
                 # inf: a finite gradient beyond grad_dtype's range, ranked saturated
                 check_finite(grads[name], f"stored gradient of {name}", allow_inf=True)
+        if cfg.score == "sensitivity":
+            self._check_precision(grads)
         fallback: List[str] = []
         zeroed = 0
         slices = {d.name: d.slices for d in self.plan.eligible}  # experts of fused tensors
@@ -276,15 +312,55 @@ class LIPS:
                 fallback.append(name)
             zeroed += param.numel() - keep_count(param.numel(), density, slices[name])
         if fallback:
-            logger.info(
-                "LIPS round %d: no stored gradient for %d tensors (this client has not "
-                "trained through lips.optimizer yet); scored them by magnitude",
-                round_index, len(fallback),
-            )
+            self._say_fallback(round_index, len(fallback))
         return MaskReport(
             round_index, density, cfg.score, len(self._params), zeroed,
-            self.plan.masked_numel, tuple(fallback),
+            self.plan.masked_numel, tuple(fallback), skipped,
         )
+
+    def _say_fallback(self, round_index: int, count: int) -> None:
+        """The magnitude fallback: a warning the first time for this LIPS, then INFO."""
+        message = (
+            f"LIPS round {round_index}: no stored gradient for {count} of the "
+            f"{len(self._params)} tensors, so they were scored by magnitude |W|, not "
+            "|g * W|: this client has not trained through lips.optimizer yet (its first "
+            "round is a mask round, e.g. with partial participation). Expected once per "
+            "client that joins late; on every mask round it means the training does "
+            "not go through lips.optimizer (or the client's LIPS state is not restored)"
+        )
+        if self._fallback_warned:
+            logger.info("%s", message)
+            return
+        self._fallback_warned = True
+        warnings.warn(message + ". Said once per LIPS; later ones are logged at INFO",
+                      UserWarning, stacklevel=5)  # _mask's no_grad wrapper is a frame
+
+    def _check_precision(self, grads: Mapping[str, Optional[torch.Tensor]]) -> None:
+        """Warn once per tensor when a float16 stored gradient is mostly too small for
+        float16: its ranking lost precision, and smaller entries were flushed to 0."""
+        tiny = torch.finfo(torch.float16).tiny
+        for name, grad in grads.items():
+            if grad is None or grad.dtype != torch.float16 or name in self._precision_warned:
+                continue
+            nonzero = int(grad.count_nonzero())
+            subnormal = int(((grad != 0) & (grad.abs() < tiny)).sum())
+            if nonzero and subnormal <= SUBNORMAL_WARNING_SHARE * nonzero:
+                continue
+            self._precision_warned.add(name)
+            found = (
+                f"{subnormal / nonzero:.1%} of its non-zero entries are subnormal (|g| < "
+                f"{tiny:.1e}, fewer significant bits), and entries below 6e-8 were "
+                "stored as 0" if nonzero else
+                "every entry is 0 (entries below 6e-8 are stored as 0; or no gradient "
+                "reached this tensor)"
+            )
+            warnings.warn(
+                f"the stored float16 gradient of {name} is too small for float16: {found}, "
+                "so its |g * W| ranking differs from the true gradient's. Fix: "
+                "LIPSConfig(grad_dtype=torch.bfloat16) (same memory, float32's range) "
+                "or grad_dtype=torch.float32. Said once per tensor",
+                UserWarning, stacklevel=5,  # _mask's no_grad wrapper is a frame
+            )
 
     def state_dict(self) -> Dict[str, Any]:
         """Everything needed to continue this client: stored gradients (copies),

@@ -54,7 +54,7 @@ class LIPSOptimizer(torch.optim.Optimizer):
         self,
         optimizer: torch.optim.Optimizer,
         tracked: Iterable[torch.nn.Parameter],
-        grad_dtype: torch.dtype = torch.float16,
+        grad_dtype: torch.dtype = torch.bfloat16,
         grad_device: Optional[str] = None,
     ) -> None:
         # Composition: the base class's __init__ is not called; every attribute the base

@@ -14,7 +14,11 @@ class MaskReport:
     that do not mask. ``fallback`` names the tensors scored by magnitude because no
     gradient was stored for them yet (the client never trained through
     ``lips.optimizer``, e.g. with partial participation), or because the server had
-    no previous global model.
+    no previous global model. ``skipped`` lists the mask rounds before ``round``
+    that this client's LIPS never saw: since its previous round, or, in its first
+    round, since the start of the run (a client that did not take part in them, which
+    partial participation makes normal, or whose LIPS state was not restored). A
+    skipped mask is not made up later; the next mask round masks as scheduled.
     """
 
     round: int
@@ -24,6 +28,7 @@ class MaskReport:
     elements_zeroed: int
     elements_eligible: int
     fallback: Tuple[str, ...] = ()
+    skipped: Tuple[int, ...] = ()
 
     @property
     def masked(self) -> bool:
@@ -31,7 +36,7 @@ class MaskReport:
 
     def __str__(self) -> str:
         if not self.masked:
-            return f"LIPS round {self.round}: no mask"
+            return f"LIPS round {self.round}: no mask" + self._skipped_text()
         text = (
             f"LIPS round {self.round}: masked {self.tensors_masked} tensors at density "
             f"{self.density:.3f} ({self.score}), dropped {self.elements_zeroed:,} of "
@@ -39,4 +44,10 @@ class MaskReport:
         )
         if self.fallback:
             text += f"; {len(self.fallback)} tensors had no stored gradient: magnitude score"
-        return text
+        return text + self._skipped_text()
+
+    def _skipped_text(self) -> str:
+        if not self.skipped:
+            return ""
+        rounds = ", ".join(map(str, self.skipped))
+        return f"; skipped the mask of round(s) {rounds} (this client was not there)"

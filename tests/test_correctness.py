@@ -134,7 +134,8 @@ def test_wrapped_training_is_bitwise_bare_training(cls, impl, use_scaler):
     for name in MIDDLE:
         kept = lips.optimizer.captured_grad(model.get_parameter(name))
         grad = twin.get_parameter(name).grad  # unscaled after the step, on every path
-        assert torch.allclose(kept.float(), grad.half().float(), rtol=1e-2, atol=1e-6), name
+        assert torch.allclose(kept.float(), grad.to(kept.dtype).float(), rtol=1e-2,
+                              atol=1e-6), name
 
 
 def test_fused_inf_step_is_skipped_and_not_kept():
@@ -157,7 +158,7 @@ def test_fused_inf_step_is_skipped_and_not_kept():
 
 # -- 3. a finite gradient beyond float16's range saturates ------------------------------
 def test_gradient_beyond_float16_range_is_kept_saturated():
-    model, _, lips = small_lips(lr=0.0)
+    model, _, lips = small_lips(lr=0.0, grad_dtype=torch.float16)
     steps(model, lips.optimizer, shape=(5, 1, 6, 6))
     weight = model.conv1.weight
     weight.grad = torch.zeros_like(weight)
@@ -475,6 +476,7 @@ def test_unscale_then_clip_then_step_keeps_the_unscaled_gradient(impl):
         results.append({n: p.detach().clone() for n, p in model.named_parameters()})
         if wrapped:
             kept = lips.optimizer.captured_grad(model.conv1.weight)
-            assert torch.allclose(kept.float(), clipped.half().float(), rtol=1e-3, atol=1e-7)
+            assert torch.allclose(kept.float(), clipped.to(kept.dtype).float(), rtol=1e-3,
+                                  atol=1e-7)
     for name in results[0]:
         assert torch.equal(results[0][name], results[1][name]), name

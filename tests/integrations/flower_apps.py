@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import warnings
 from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
@@ -103,6 +104,34 @@ def train_with_lips(msg: Message, context: Context) -> Message:
     return _reply(msg, model, observed, context, report_metrics(lips.last_report))
 
 
+raw_client = ClientApp()
+RAW_ERROR_NODES = (0, 1)
+"""Partitions whose raw-optimizer client runs with unwrapped_training="error"; the
+others warn, and report the warnings they caught as ``unwrapped-warnings``."""
+
+
+@raw_client.train()
+def train_with_the_raw_optimizer(msg: Message, context: Context) -> Message:
+    """The README's mistake: inside lips_train, training steps the optimizer passed to
+    lips_train, not lips.optimizer."""
+    torch.set_num_threads(1)
+    model, received = _received(msg)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    partition = int(context.node_config["partition-id"])
+    mode = "error" if partition in RAW_ERROR_NODES else "warn"
+    config = LIPSConfig(total_rounds=CONFIG.total_rounds, period=1, unwrapped_training=mode)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with lips_train(model, optimizer, msg, context, config) as lips:
+            observed = _observe(model, received)
+            _fit(model, optimizer, partition)  # the mistake
+    said = [w for w in caught if "leaving lips_train" in str(w.message)
+            and "train with lips.optimizer" in str(w.message)]
+    return _reply(msg, model, observed, context,
+                  MetricRecord({**report_metrics(lips.last_report),
+                                "unwrapped-warnings": len(said)}))
+
+
 plain_client = ClientApp()
 
 
@@ -128,6 +157,7 @@ class RecordingFedAvg(FedAvg):
         self.global_sums: Dict[int, List[float]] = {}
         self.replies: Dict[int, List[Dict]] = {}
         self.failures: Dict[int, int] = {}
+        self.errors: Dict[int, List[str]] = {}
         self.probe = probe
         self.probed: object = None
 
@@ -140,6 +170,7 @@ class RecordingFedAvg(FedAvg):
         ok = [dict(m.content["metrics"]) for m in replies if not m.has_error()]
         self.replies[server_round] = ok
         self.failures[server_round] = len(replies) - len(ok)
+        self.errors[server_round] = [m.error.reason for m in replies if m.has_error()]
         if self.probe is not None and self.probed is None:
             self.probed = self.probe()
         return super().aggregate_train(server_round, replies)

@@ -388,6 +388,27 @@ def test_simulation_listens_on_loopback_only(client_side_run):
 
 
 @pytest.mark.slow
+def test_raw_optimizer_inside_lips_train_is_said_in_a_simulation(flower_env):
+    """Issue 20: a handler that trains with its own optimizer inside lips_train. Every
+    round, nodes in error mode fail with the fix, the others warn once each."""
+    strategy = apps.RecordingFedAvg()
+    _simulate(flower_env, apps.raw_client, strategy)
+    assert sorted(strategy.replies) == [1, 2, 3, 4]
+    for server_round in strategy.replies:
+        errors = strategy.errors[server_round]
+        assert len(errors) == len(apps.RAW_ERROR_NODES), server_round
+        for reason in errors:
+            assert "leaving lips_train" in reason and "went to the wrapped optimizer" in reason
+            assert "train with lips.optimizer" in reason
+        replies = strategy.replies[server_round]
+        assert sorted(r["partition-id"] for r in replies) == [2, 3]
+        assert [r["unwrapped-warnings"] for r in replies] == [1, 1]
+        # no gradient was ever kept: every mask falls back to magnitude, and says so
+        expected = 0 if server_round == 1 else len(find_layers(apps.tiny_net()).eligible)
+        assert [r["lips-fallback"] for r in replies] == [expected] * 2
+
+
+@pytest.mark.slow
 def test_server_side_masks_exactly_on_mask_rounds(flower_env):
     inner = apps.RecordingFedAvg()
     strategy = LIPSStrategy(inner, apps.tiny_net(), apps.CONFIG)
