@@ -159,10 +159,11 @@ def test_wrapped_training_is_bitwise_bare_training(device, optimizer, impl, prec
     train(twin, bare, device, steps=3, autocast=autocast, scaler=scaler())
     for (name, a), (_, b) in zip(model.named_parameters(), twin.named_parameters()):
         assert torch.equal(a, b), name
-    for name, kept in kept_grads(lips).items():  # the unscaled gradient, in float16
+    for name, kept in kept_grads(lips).items():  # the unscaled gradient, in grad_dtype
         grad = twin.get_parameter(name).grad
-        assert kept.dtype == torch.float16 and kept.device == grad.device, name
-        assert torch.allclose(kept.float(), grad.half().float(), rtol=1e-2, atol=1e-6), name
+        assert kept.dtype == lips.config.grad_dtype and kept.device == grad.device, name
+        assert torch.allclose(kept.float(), grad.to(kept.dtype).float(), rtol=1e-2,
+                              atol=1e-6), name
 
 
 # -- gradients kept in (pinned) host memory -----------------------------------------------
@@ -204,6 +205,36 @@ def test_host_capture_keeps_what_a_synchronous_copy_keeps(device, scaled):
     for name in MIDDLE:
         assert torch.equal(state["grads"][name], beside_last[name].cpu()), name
 
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_score_of_a_cpu_weight_waits_for_its_gradient(device):
+    """A non-blocking copy to the CPU returns before the data is there: the score of a
+    CPU weight must not read a device gradient before its copy has finished."""
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(512, 512, generator=generator)
+    grad = torch.randn(512, 512, generator=generator).half()
+    expected = (weight * grad.float()).abs()
+    on_device = grad.to(device)
+    if device == "cuda":
+        torch.cuda._sleep(200_000_000)  # the copy queues behind a busy GPU
+    assert torch.equal(sensitivity_score(weight, on_device), expected)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_cpu_model_with_gradients_kept_on_the_device_masks_like_the_cpu(device):
+    model = make_model("cpu")
+    lips = LIPS(model, make_optimizer("SGD", model.parameters()),
+                LIPSConfig(total_rounds=10, start_density=0.3, grad_device=device))
+    train(model, lips.optimizer, "cpu")
+    expected = {}
+    for name, grad in kept_grads(lips).items():
+        assert grad.device.type == device, name
+        score = sensitivity_score(model.get_parameter(name).detach(), grad.cpu())
+        expected[name] = keep_mask(score, keep_count(score.numel(), 0.3))
+    lips.on_global_model(1)
+    for name in MIDDLE:
+        assert torch.equal(model.get_parameter(name) != 0, expected[name]), name
 
 # -- state dicts between devices ---------------------------------------------------------
 

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 from conftest import DEVICES
 
 pytest.importorskip("transformers")
@@ -21,6 +20,6 @@ def test_trainer_masks_exact_counts_with_the_model_on(device, tmp_path):
     assert {p.device.type for p in model.parameters()} == {device}
     for name in lips.plan.eligible_names:  # kept beside the weights, from this device
         kept = lips.optimizer.captured_grad(model.get_parameter(name))
-        assert kept.device.type == device and kept.dtype == torch.float16, name
+        assert kept.device.type == device and kept.dtype == lips.config.grad_dtype, name
     assert assert_masks(lips, callback, probe, loaded, CONFIG) == 2
     assert not any(r.fallback for r in callback.reports)  # each client's gradients kept
