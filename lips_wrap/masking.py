@@ -61,7 +61,9 @@ def sensitivity_score(weight: Tensor, grad: Tensor) -> Tensor:
         raise ValueError(
             f"gradient shape {tuple(grad.shape)} differs from weight shape {tuple(weight.shape)}"
         )
-    grad = grad.to(weight.device, non_blocking=True)
+    # Non-blocking only towards an accelerator (ordered on its stream): a non-blocking
+    # copy to the CPU returns before the data is there, and the CPU reads it at once.
+    grad = grad.to(weight.device, non_blocking=weight.device.type != "cpu")
     limit = torch.finfo(grad.dtype).max
     if weight.device.type != "cpu" or not (weight.is_contiguous() and grad.is_contiguous()):
         saturated = grad.to(torch.float32).clamp_(-limit, limit)
