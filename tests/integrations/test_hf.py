@@ -16,6 +16,7 @@ pytest.importorskip("accelerate")
 from lips_wrap import LIPS, LIPSConfig, density_at  # noqa: E402
 from lips_wrap.integrations.custom import fedavg  # noqa: E402
 from lips_wrap.integrations.hf import LIPSCallback  # noqa: E402
+from lips_wrap.masking import keep_count  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -83,7 +84,7 @@ def federate(
     tmp_path,
     clients: int = 2,
     args: Optional[dict] = None,
-    on_round: Optional[Callable[[int, LIPS], None]] = None,
+    on_round: Optional[Callable[[int, LIPSCallback], None]] = None,
 ) -> tuple:
     """A FedAvg(+LIPS) simulation through Trainer: one model, Trainer and callback.
 
@@ -110,7 +111,7 @@ def federate(
             uploads.append(copy.deepcopy(model.state_dict()))
         global_state = fedavg(uploads, [1.0] * clients)
         if on_round is not None:
-            on_round(rnd, lips)
+            on_round(rnd, callback)
     return lips, callback, probe, loaded
 
 
@@ -152,6 +153,28 @@ def test_bert_trainer_masks_exact_counts(tmp_path):
     grads = [callback.client_state(cid)["grads"] for cid in (0, 1)]
     name = lips.plan.eligible_names[0]
     assert not torch.equal(grads[0][name], grads[1][name])  # each client its own state
+
+
+def test_trainer_path_keeps_the_largest_gradient_times_weight(tmp_path):
+    """Round 1's mask keeps, per tensor and client, the int(d * numel) entries with the
+    largest |g * W|: g the client's own last-step gradient of round 0 (as stored, in
+    grad_dtype), W the global weights loaded before round 1."""
+    stored = {}
+
+    def keep_round_0_grads(rnd, callback):
+        if rnd == 0:
+            stored.update({cid: dict(callback.client_state(cid)["grads"]) for cid in (0, 1)})
+
+    lips, callback, probe, loaded = federate(tiny_bert(), "cls", CONFIG, tmp_path,
+                                             on_round=keep_round_0_grads)
+    density = density_at(1, CONFIG)
+    for cid in (0, 1):
+        start, before = probe.starts[2 + cid], loaded[2 + cid]
+        for name in lips.plan.eligible_names:
+            score = (stored[cid][name].float() * before[name]).abs()
+            kept = start[name] != 0
+            assert int(kept.sum()) == keep_count(kept.numel(), density), (cid, name)
+            assert score[kept].min() >= score[~kept].max(), (cid, name)
 
 
 def test_gpt2_trainer_masks_exact_counts(tmp_path):
@@ -204,10 +227,76 @@ def test_errors(tmp_path):
         wrong.train()
     callback.start_round(0)
     callback.start_round(0)  # a retry of the same round is allowed
-    with pytest.raises(RuntimeError, match="has not been trained"):
+    with pytest.raises(RuntimeError, match="has not been trained: call trainer.train"):
         callback.start_round(1)
     with pytest.raises(TypeError, match="lips_wrap.LIPS"):
         LIPSCallback(object())  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="client must be a hashable id"):
+        LIPSCallback(lips).start_round(0, client=["a"])
+    with pytest.raises(ValueError, match=r"round 4 is outside \[0, 4\)"):
+        LIPSCallback(lips).start_round(4)
+
+
+def one_client_round(tmp_path, callbacks, clients=(None,), rounds=(0,), lips=None):
+    """A tiny BERT, its LIPS and a Trainer with ``callbacks(lips)``; trains the given
+    (round, client) pairs in order. Returns (lips, callback, trainer)."""
+    if lips is None:
+        model = tiny_bert()
+        lips = LIPS(model, torch.optim.AdamW(model.parameters(), lr=1e-2), CONFIG)
+    callback = LIPSCallback(lips)
+    trainer = transformers.Trainer(
+        model=lips.model, args=training_args(tmp_path), train_dataset=dataset("cls", 4, 0),
+        optimizers=(lips.optimizer, None), callbacks=callbacks(callback))
+    for rnd in rounds:
+        for client in clients:
+            callback.start_round(rnd, client=client)
+            trainer.train()
+    return lips, callback, trainer
+
+
+def test_a_second_client_without_client_id_names_start_round_with_client(tmp_path):
+    lips, callback, _ = one_client_round(tmp_path, lambda c: [c])
+    before = {n: p.detach().clone() for n, p in lips.model.named_parameters()}
+    # a second client of round 0, declared without client=: refused at once, with the fix
+    with pytest.raises(ValueError, match=r"client None has already trained round 0.*"
+                                         r"start_round\(rnd, client=cid\)"):
+        callback.start_round(0)
+    assert all(torch.equal(p, before[n]) for n, p in lips.model.named_parameters())
+    callback.start_round(0, client=1)  # named: accepted
+
+
+def test_rounds_out_of_order_are_refused_at_start_round(tmp_path):
+    lips, callback, _ = one_client_round(tmp_path, lambda c: [c], clients=(0,), rounds=(1,))
+    with pytest.raises(ValueError, match=r"start_round\(0, client=0\): client 0 has already "
+                                         r"trained round 1.*rnd > 1"):
+        callback.start_round(0, client=0)
+    with pytest.raises(ValueError, match="already trained round 1"):
+        callback.start_round(1, client=0)
+
+
+def test_callback_missing_from_the_trainer_is_named(tmp_path):
+    """start_round, then train() without the callback in callbacks=: the next
+    start_round says the callback is not registered (the round trained without LIPS)."""
+    lips, callback, _ = one_client_round(tmp_path, lambda c: [], rounds=())
+    trainer = transformers.Trainer(
+        model=lips.model, args=training_args(tmp_path), train_dataset=dataset("cls", 4, 0),
+        optimizers=(lips.optimizer, None))
+    callback.start_round(0)
+    trainer.train()
+    assert callback.reports == []  # LIPS never ran
+    with pytest.raises(RuntimeError, match=r"not registered with the Trainer.*took 1 step\(s\)"
+                                           r".*callbacks=\[callback\]"):
+        callback.start_round(1)
+
+
+def test_a_skipped_round_is_accepted_and_its_mask_reported(tmp_path):
+    config = LIPSConfig(total_rounds=4, period=1)  # masks rounds 1, 2, 3
+    model = tiny_bert()
+    lips = LIPS(model, torch.optim.AdamW(model.parameters(), lr=1e-2), config)
+    _, callback, _ = one_client_round(tmp_path, lambda c: [c], rounds=(0, 2), lips=lips)
+    assert [r.skipped for r in callback.reports] == [(), (1,)]
+    assert callback.reports[1].masked and "skipped the mask of round(s) 1" in str(
+        callback.reports[1])
 
 
 def test_fresh_optimizer_state_and_state_dict(tmp_path):
