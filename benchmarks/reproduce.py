@@ -36,7 +36,8 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from inertia import group_means, inertia_ratio, ratio_by_window  # noqa: E402
+import paper  # noqa: E402
+from inertia import WINDOWS, group_means, inertia_ratio, ratio_by_window  # noqa: E402
 from models import ResNet8, resnet8_reference, vgg11_bn_reference, vgg_bn  # noqa: E402
 
 from lips_wrap import InertiaTracker, LIPSConfig  # noqa: E402
@@ -44,7 +45,9 @@ from lips_wrap.data import make_shapes  # noqa: E402
 from lips_wrap.integrations.custom import (  # noqa: E402
     dirichlet_split,
     label_distribution,
+    local_train,
     matched_split,
+    personalized_accuracy,
     simulate,
 )
 
@@ -98,12 +101,12 @@ QUICK = {
                             "arms": ["FedAvg", "LIPS", "LIPS server"],
                             "ablations": ["LIPS random", "LIPS d0=0.3"]},
 }
-# the many-clients setup at the reference's widths 16/32/64, where FedAvg's middle layers
-# lag most over the first rounds (benchmarks/inertia_search.py); channels_last only makes
-# the convolutions faster (the same model and numbers up to float rounding)
-REFERENCE_WIDTHS = {"widths": [16, 32, 64], "channels_last": True}
-FULL["shapes-resnet8-ref"] = {**FULL["shapes-resnet8-many"], **REFERENCE_WIDTHS}
-QUICK["shapes-resnet8-ref"] = {**QUICK["shapes-resnet8-many"], **REFERENCE_WIDTHS,
+# the many-clients setup with the narrow ResNet-8 at twice the width (16/32/64; not the
+# paper's ResNet-8, see shapes-paper-resnet8); channels_last only makes the convolutions
+# faster (the same model and numbers up to float rounding)
+WIDE = {"widths": [16, 32, 64], "channels_last": True}
+FULL["shapes-resnet8-wide"] = {**FULL["shapes-resnet8-many"], **WIDE}
+QUICK["shapes-resnet8-wide"] = {**QUICK["shapes-resnet8-many"], **WIDE,
                                "clients": 6, "rounds": 10, "seeds": 1, "ablation_seeds": 1}
 # the paper's ResNet-8 (benchmarks/models.py: 7x7 stem, 64/128/256) in the many-clients
 # protocol; 16x16 shapes keep a run near 8 CPU-minutes. d0 0.3 is the paper's density
@@ -114,8 +117,20 @@ PAPER_RESNET8_ARMS = {"model": "resnet8-reference", "channels_last": True,
 FULL["shapes-paper-resnet8"] = {**FULL["shapes-resnet8-many"], **PAPER_RESNET8_ARMS,
                                 "seeds": 10, "ablation_seeds": 5}
 FULL["shapes-paper-resnet8"].pop("widths")
-QUICK["shapes-paper-resnet8"] = {**QUICK["shapes-resnet8-ref"], **PAPER_RESNET8_ARMS}
+QUICK["shapes-paper-resnet8"] = {**QUICK["shapes-resnet8-wide"], **PAPER_RESNET8_ARMS}
 QUICK["shapes-paper-resnet8"].pop("widths")
+# the paper's own setups (benchmarks/paper.py): CIFAR from --data-dir, 100 clients x 300
+# rounds; the arms at the paper's density for the dataset
+for _name, _paper in paper.SETUPS.items():
+    _lips = "LIPS" if _paper["density"] == 0.5 else f"LIPS d0={_paper['density']}"
+    _suffix = "" if _paper["density"] == 0.5 else f" d0={_paper['density']}"
+    FULL[_name] = {**paper.PROTOCOL, **_paper, "seeds": 3, "ablation_seeds": 3,
+                   "arms": ["FedAvg", _lips],
+                   "ablations": [f"LIPS server{_suffix}", f"LIPS random{_suffix}"]}
+PAPER = tuple(paper.SETUPS)
+RUNTIME_KEYS = ("data_dir", "device")
+"""Where a run reads its data and runs: recorded, but not part of what makes two runs
+the same setup."""
 COMMON = {"alpha": 0.1, "samples_per_client": 100, "epochs": 5, "batch_size": 100,
           "lr": 0.1, "momentum": 0.9, "period": 5, "data_seed": 0}
 
@@ -138,8 +153,11 @@ def load_task(setup: dict, seed: int):
         x_test, y_test = make_shapes(2000, seed=setup["data_seed"] + 10_000)
         x, y = torch.cat([x_train, x_test]), torch.cat([y_train, y_test])
         train_pool, test_pool = np.arange(train_n), np.arange(train_n, len(y))
+    elif setup["task"] in paper.FOLDERS:
+        return _on_device(setup, *paper.load_paper_task(setup, seed))
     else:
-        raise ValueError(f"unknown task {setup['task']!r}; accepted: digits, shapes")
+        raise ValueError(f"unknown task {setup['task']!r}; accepted: digits, shapes, "
+                         + ", ".join(paper.FOLDERS))
     resolution = setup.get("resolution")
     if resolution is not None and resolution != x.shape[-1]:
         # the generator draws 32x32; smaller images make a run proportionally cheaper
@@ -154,16 +172,23 @@ def load_task(setup: dict, seed: int):
     dists = [label_distribution(y, t, 10) for t in train]
     tests = [test_pool[p] for p in matched_split(y[test_pool], dists,
                                                  setup["test_per_client"], seed=seed)]
-    return x, y, train, tests
+    return _on_device(setup, x, y, train, tests)
+
+
+def _on_device(setup: dict, x, y, train, tests):
+    """The task with its inputs and labels moved to the setup's device (once: every
+    client's batches are then cut on the device)."""
+    device = torch.device(setup.get("device", "cpu"))
+    return x.to(device), y.to(device), train, tests
 
 
 def model_factory(setup: dict):
     """The setup's model constructor; with ``"channels_last"`` every model it builds is
     stored in that memory format (the same model, a faster training step on CPU)."""
-    build = _base_factory(setup)
+    build, device = _base_factory(setup), torch.device(setup.get("device", "cpu"))
     if setup.get("channels_last"):
-        return lambda: build().to(memory_format=torch.channels_last)
-    return build
+        return lambda: build().to(device, memory_format=torch.channels_last)
+    return lambda: build().to(device)
 
 
 def _base_factory(setup: dict):
@@ -208,7 +233,19 @@ def run_one(setup: dict, arm: str, seed: int, progress: Optional[tqdm] = None,
             progress.update(1)
             progress.set_postfix(arm=arm, seed=seed, before=f"{history[-1].before:.3f}")
         callbacks.append(tick)
-    start = time.process_time()
+    device = torch.device(setup.get("device", "cpu"))
+    finish_times: List[float] = []
+
+    def timed(rnd, model, history):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        finish_times.append(time.perf_counter())
+    callbacks.append(timed)
+    final_state: Dict[str, torch.Tensor] = {}
+    callbacks.append(lambda rnd, model, history: final_state.update(
+        {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if rnd == setup["rounds"] - 1 else {}))
+    start, wall_start = time.process_time(), time.perf_counter()
     history = simulate(
         factory, x, y, train, tests, setup["rounds"], setup["epochs"], setup["batch_size"],
         lambda params: torch.optim.SGD(params, lr=setup["lr"], momentum=setup["momentum"]),
@@ -220,7 +257,14 @@ def run_one(setup: dict, arm: str, seed: int, progress: Optional[tqdm] = None,
                          title=f"{setup['name']}: {arm} (seed {seed}), global model")
     before = [r.before for r in history]
     after = [r.after for r in history]
+    extra = {}
+    if setup.get("finetune_epochs"):
+        extra["finetuned"] = finetune_accuracy(setup, factory, final_state, x, y, train,
+                                               tests, seed)
+    laps = np.diff([wall_start] + finish_times)
     return {
+        **extra,
+        "seconds_per_round": float(f"{laps.mean():.4g}"),
         "seed": seed,
         "before": before,
         "after": after,
@@ -238,6 +282,24 @@ def run_one(setup: dict, arm: str, seed: int, progress: Optional[tqdm] = None,
         "distance_to_anchor": _rounded(tracker.distance_to_anchor),
         "weight_norm": _rounded(tracker.weight_norm),
     }
+
+
+def finetune_accuracy(setup: dict, factory, global_state: Dict[str, torch.Tensor], x, y,
+                      train, tests, seed: int) -> float:
+    """The paper's last metric: every client trains the final global model for
+    ``finetune_epochs`` local epochs (fresh SGD) and is tested on its own test set;
+    the mean over clients."""
+    model = factory()
+    generator = torch.Generator().manual_seed(seed + 1)
+    accuracies = []
+    for indices, test in zip(train, tests):
+        model.load_state_dict(global_state)
+        optimizer = torch.optim.SGD(model.parameters(), lr=setup["lr"],
+                                    momentum=setup["momentum"])
+        local_train(model, optimizer, x[indices], y[indices], setup["finetune_epochs"],
+                    setup["batch_size"], generator)
+        accuracies.append(personalized_accuracy(model, x, y, [test])[0])
+    return float(np.mean(accuracies))
 
 
 def _rounded(rows: np.ndarray) -> List[List[Optional[float]]]:
@@ -307,8 +369,9 @@ def summarise(runs: Dict[str, List[dict]]) -> dict:
                 entry["inertia_ratio_unmasked_rounds"] = {
                     "mean": float(np.mean(unmasked)), "min": float(np.min(unmasked)),
                     "max": float(np.max(unmasked))}
-            per_run = [ratio_by_window(r["relative_update"]) for r in arm_runs
-                       if "relative_update" in r]
+            per_run = [ratio_by_window(r["relative_update"],
+                                       min(WINDOWS, len(r["relative_update"][0])))
+                       for r in arm_runs if "relative_update" in r]
             windows = np.array([[w.ratio for w in spans] for spans in per_run])
             entry["inertia_ratio_by_window"] = [
                 {"rounds": [w.start, w.stop - 1], "mean": float(column.mean()),
@@ -398,8 +461,9 @@ SEED_COUNTS = ("seeds", "ablation_seeds")
 
 
 def same_setup(a: dict, b: dict) -> bool:
-    return {k: v for k, v in a.items() if k not in SEED_COUNTS} == \
-        {k: v for k, v in b.items() if k not in SEED_COUNTS}
+    ignored = SEED_COUNTS + RUNTIME_KEYS
+    return {k: v for k, v in a.items() if k not in ignored} == \
+        {k: v for k, v in b.items() if k not in ignored}
 
 
 def run_file(out: Path, name: str, arm: str, seed: int) -> Path:
@@ -638,11 +702,34 @@ def verify(path: Path, arm: str, seed: int) -> int:
     return 0 if ok else 1
 
 
+def paper_slice(name: str, rounds: int, device: str, out: Path, smoke: bool = False) -> int:
+    """A few rounds of a paper setup on generated data at full size (100 clients,
+    the paper's model), FedAvg and LIPS at the paper's density, seed 0: the seconds per
+    round of each, printed and kept in ``out/<name>-slice.json``."""
+    setup = {"name": name, **COMMON, **FULL[name], "rounds": rounds, "synthetic": True,
+             "device": device, **({**paper.SMOKE, "rounds": rounds} if smoke else {})}
+    out.mkdir(parents=True, exist_ok=True)
+    times = {}
+    for arm in arms_of(setup)[0]:
+        with tqdm(total=rounds, desc=f"{name} {arm}", unit="round") as progress:
+            run = run_one(setup, arm, 0, progress)
+        times[arm] = run["seconds_per_round"]
+        print(f"slice {name} {arm} on {device}: {run['seconds_per_round']:.3f} s/round "
+              f"({setup['clients']} clients, {rounds} rounds)", flush=True)
+    lips_arm = arms_of(setup)[0][1]
+    print(f"slice {name}: {lips_arm} / FedAvg time per round "
+          f"{times[lips_arm] / times['FedAvg']:.3f}")
+    (out / f"{name}-slice.json").write_text(json.dumps(
+        {"config": setup, "seconds_per_round": times, "torch": torch.__version__}, indent=1))
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small settings, a few minutes")
     parser.add_argument("--setup", action="append", choices=sorted(FULL),
-                        help="run only these setups (repeatable)")
+                        help="run only these setups (repeatable); the paper-* setups run "
+                             "only when named, and need --data-dir")
     parser.add_argument("--out", type=Path, default=None,
                         help=f"result folder (default {RESULTS}, or its quick/ for --quick)")
     parser.add_argument("--verify", type=Path, help="a results JSON to rerun one run of")
@@ -655,19 +742,58 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: exact reruns)")
     parser.add_argument("--workers", type=int, default=1,
                         help="runs in parallel, each in its own process (default 1)")
+    parser.add_argument("--data-dir", type=Path, default=None,
+                        help="folder holding cifar-10-batches-py/ or cifar-100-python/ "
+                             "(paper-* setups)")
+    parser.add_argument("--device", default="cpu",
+                        help="torch device for the data and every client's training, e.g. "
+                             "cpu, cuda, cuda:1 (default cpu)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="paper-* setups at tiny sizes (2 clients x 2 rounds), end to end")
+    parser.add_argument("--paper-slice", choices=PAPER, default=None,
+                        help="time --rounds rounds of this paper setup on generated data at "
+                             "full size, FedAvg and LIPS (no --data-dir needed)")
+    parser.add_argument("--rounds", type=int, default=10,
+                        help="rounds of --paper-slice (default 10)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    try:
+        torch.device(args.device)
+    except RuntimeError as error:
+        parser.error(f"--device {args.device!r} is not a torch device ({error})")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: CUDA is not available on this machine")
+    if args.rounds < 1:
+        parser.error(f"--rounds must be >= 1, got {args.rounds}")
+    if args.paper_slice:
+        return paper_slice(args.paper_slice, args.rounds, args.device,
+                           args.out or Path("paper-slice"), args.smoke)
     if args.verify:
         return verify(args.verify, args.arm, args.seed)
     if args.replot:
         replot(args.out or RESULTS)
         return 0
     chosen = QUICK if args.quick else FULL
-    names = args.setup or list(chosen)
+    names = args.setup or [name for name in chosen if name not in PAPER]
+    if args.quick and any(name in PAPER for name in names):
+        parser.error("the paper-* setups have no --quick form; use --smoke")
     setups = {name: {"name": name, **COMMON, **chosen[name]} for name in names}
+    for name, setup in setups.items():
+        if name in PAPER:
+            if args.smoke:
+                setup.update(paper.SMOKE)
+            if args.data_dir is None:
+                parser.error(f"--setup {name} needs --data-dir DIR, the folder holding "
+                             f"{paper.FOLDERS[setup['task']]}/")
+            folder = args.data_dir / paper.FOLDERS[setup["task"]]
+            if not folder.is_dir():
+                parser.error(f"--setup {name}: no {folder} (expected the python version of "
+                             f"{setup['task']} extracted in --data-dir)")
+            setup["data_dir"] = str(args.data_dir.resolve())
+        setup["device"] = args.device
     out = args.out or (RESULTS / "quick" if args.quick else RESULTS)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
-          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}")
+          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, device {args.device}")
     run_all(setups, out, resume=args.resume, workers=args.workers, threads=args.threads)
     return 0
 

@@ -1,5 +1,5 @@
 """Helpers for hand-written FedAvg loops: non-IID splits, FedAvg, personalized accuracy,
-and :func:`simulate`, a whole FedAvg(+LIPS) simulation in one call.
+and [`simulate`][simulate], a whole FedAvg(+LIPS) simulation in one call.
 
 Needs numpy and torch only.
 """
@@ -170,7 +170,7 @@ def personalized_accuracy(
             for start in range(0, index.numel(), batch_size):
                 batch = index[start:start + batch_size]
                 logits = model(inputs[batch].to(device))
-                correct += int((logits.argmax(dim=1).cpu() == targets[batch]).sum())
+                correct += int((logits.argmax(dim=1) == targets[batch].to(device)).sum())
             per_client.append(correct / max(1, index.numel()))
     finally:
         model.train(was_training)
@@ -189,23 +189,25 @@ def local_train(
 ) -> float:
     """Train ``model`` on one client's data for ``epochs`` epochs of shuffled batches.
 
-    Returns the mean loss of the last epoch.
+    Returns the mean loss of the last epoch. The losses are summed on the model's
+    device and read once per epoch, so a GPU never waits for the host between steps.
     """
     loss_fn = loss_fn if loss_fn is not None else nn.CrossEntropyLoss()
     device = next(model.parameters()).device
     model.train()
     last = 0.0
     for _ in range(epochs):
-        order = torch.randperm(targets.numel(), generator=generator)
-        losses = []
+        order = torch.randperm(targets.numel(), generator=generator).to(inputs.device)
+        total, steps = torch.zeros((), dtype=torch.float64, device=device), 0
         for start in range(0, order.numel(), batch_size):
             batch = order[start:start + batch_size]
             optimizer.zero_grad()
             loss = loss_fn(model(inputs[batch].to(device)), targets[batch].to(device))
             loss.backward()
             optimizer.step()
-            losses.append(loss.item())
-        last = float(np.mean(losses)) if losses else 0.0
+            total += loss.detach()
+            steps += 1
+        last = float(total) / steps if steps else 0.0
     return last
 
 
@@ -254,7 +256,7 @@ def simulate(
     ``epochs`` local epochs with an optimizer whose state is fresh each round (as the
     reference), and uploads. The server averages the uploads weighted by client size.
     With ``server_side=True`` the clients keep no gradients: the server masks the
-    global model before sending it (:class:`lips_wrap.ServerMasker`, scores
+    global model before sending it ([`lips_wrap.ServerMasker`][lips_wrap.ServerMasker], scores
     ``|delta * W|``). Deterministic given ``seed`` (model initialisation and batch
     order) and one torch thread; every variant consumes the same random numbers, so
     runs on one seed are paired. Callbacks see the aggregated, unmasked model.

@@ -149,9 +149,9 @@ def test_channels_last_option_keeps_the_model_and_masks_exactly():
         assert torch.equal(masked_fast[name], masked_plain[name]), name
 
 
-def test_reference_setup_is_the_many_clients_setup_at_reference_widths():
+def test_wide_setup_is_the_many_clients_setup_at_twice_the_width():
     reproduce = _reproduce()
-    many, ref = reproduce.FULL["shapes-resnet8-many"], reproduce.FULL["shapes-resnet8-ref"]
+    many, ref = reproduce.FULL["shapes-resnet8-many"], reproduce.FULL["shapes-resnet8-wide"]
     assert ref["widths"] == [16, 32, 64] and ref["channels_last"] is True
     assert {k: v for k, v in ref.items() if k not in ("widths", "channels_last")} == \
         {k: v for k, v in many.items() if k != "widths"}
@@ -195,3 +195,87 @@ def test_report_tables_include_the_ratio_over_time(tmp_path):
     assert over_time[2] == ("| arm | rounds 0-1 | rounds 2-2 | rounds 3-3 | rounds 4-4 "
                             "| rounds 5-5 |")
     assert over_time[4].startswith("| FedAvg | ") and over_time[5].startswith("| LIPS | ")
+
+
+def test_paper_resnet8_setup_is_the_many_clients_protocol_with_the_papers_model():
+    reproduce = _reproduce()
+    many, paper = reproduce.FULL["shapes-resnet8-many"], reproduce.FULL["shapes-paper-resnet8"]
+    assert paper["model"] == "resnet8-reference" and "widths" not in paper
+    protocol = ("clients", "rounds", "epochs", "resolution", "test_per_client", "task")
+    assert all(paper[k] == many[k] for k in protocol if k in many)
+    assert paper["arms"] == ["FedAvg", "LIPS d0=0.3", "LIPS"]
+    assert paper["ablations"] == ["LIPS server d0=0.3", "LIPS random d0=0.3"]
+    assert reproduce.ARMS["LIPS server d0=0.3"]["start_density"] == 0.3
+    assert reproduce.ARMS["LIPS random d0=0.3"]["score"] == "random"
+    assert paper["seeds"] >= 8 and paper["ablation_seeds"] >= 5
+
+
+@pytest.mark.parametrize("name", ["paper-cifar10-vgg11", "paper-cifar100-resnet8"])
+def test_paper_setup_smoke_runs_every_arm_on_a_miniature_folder(tmp_path, name):
+    reproduce = _reproduce()
+    import paper
+
+    setup = reproduce.FULL[name]
+    paper.write_miniature(tmp_path / "data", setup["task"])
+    out = tmp_path / "out"
+    assert reproduce.main(["--setup", name, "--smoke", "--data-dir", str(tmp_path / "data"),
+                           "--out", str(out)]) == 0
+    stored = json.loads((out / f"{name}.json").read_text())
+    density = paper.SETUPS[name]["density"]
+    arms = ["FedAvg", "LIPS" if density == 0.5 else f"LIPS d0={density}"]
+    assert list(stored["runs"])[:2] == arms and len(stored["runs"]) == 4
+    assert stored["config"]["clients"] == 2 and stored["config"]["rounds"] == 2
+    assert stored["config"]["data_dir"] == str((tmp_path / "data").resolve())
+    for runs in stored["runs"].values():
+        run = runs[0]
+        assert 0.0 <= run["finetuned"] <= 1.0 and run["seconds_per_round"] > 0
+        assert len(run["before"]) == 2 and len(run["weight_norm"][0]) == 2
+    assert stored["runs"][arms[1]][0]["masked_rounds"] == [1]
+    assert stored["runs"]["FedAvg"][0]["masked_rounds"] == []
+
+
+def test_paper_setup_without_its_folder_is_one_clear_error(tmp_path, capsys):
+    reproduce = _reproduce()
+    with pytest.raises(SystemExit):
+        reproduce.main(["--setup", "paper-cifar100-resnet8", "--data-dir", str(tmp_path)])
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "cifar-100-python" in message and str(tmp_path) in message
+    with pytest.raises(SystemExit):
+        reproduce.main(["--setup", "paper-cifar10-vgg11"])
+    assert "--data-dir" in capsys.readouterr().err
+
+
+def test_paper_slice_times_fedavg_and_lips_on_the_cpu(tmp_path, capsys):
+    reproduce = _reproduce()
+    assert reproduce.main(["--paper-slice", "paper-cifar100-resnet8", "--smoke", "--rounds",
+                           "2", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("slice")]
+    assert len(lines) == 3 and "FedAvg on cpu" in lines[0] and "LIPS d0=0.3" in lines[1]
+    stored = json.loads((tmp_path / "paper-cifar100-resnet8-slice.json").read_text())
+    assert stored["config"]["synthetic"] is True and stored["config"]["model"] == \
+        "resnet8-reference"
+    assert set(stored["seconds_per_round"]) == {"FedAvg", "LIPS d0=0.3"}
+
+
+def test_paper_split_gives_every_client_its_size_and_matching_test_labels():
+    _reproduce()
+    import numpy as np
+    import paper
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 10, 5000)
+    test_labels = rng.integers(0, 10, 2000)
+    setup = {"clients": 30, "classes": 10, "alpha": 0.1, "samples_per_client": 100,
+             "test_per_client": 400}
+    train, tests = paper.paper_split(labels, test_labels, setup, seed=3)
+    assert [len(t) for t in train] == [100] * 30 and [len(t) for t in tests] == [400] * 30
+    for tr, te in zip(train, tests):
+        assert len(set(tr.tolist())) == 100  # no image twice within a client
+        train_share = np.bincount(labels[tr], minlength=10) / 100
+        test_share = np.bincount(test_labels[te], minlength=10) / 400
+        assert np.abs(train_share - test_share).max() <= 0.011  # the same proportions
+    # Dirichlet(0.1): most clients are dominated by one or two classes
+    top = [np.sort(np.bincount(labels[t], minlength=10))[-2:].sum() for t in train]
+    assert np.median(top) >= 80
+    assert paper.class_counts([0.333, 0.333, 0.334], 100).tolist() == [33, 33, 34]
+    assert paper.class_counts([0.996, 0.004, 0.0], 100).tolist() == [100, 0, 0]
