@@ -1,5 +1,5 @@
 """Mixture-of-experts models: which tensors hold one slice per expert, and which
-modules are routing gates. The knowledge is data in :mod:`lips_wrap.families`
+modules are routing gates. The knowledge is data in ``lips_wrap.families``
 (``FUSED_EXPERT_WEIGHTS``, ``ROUTING_GATE_NAMES``, ``MOE_*``); this module applies it
 to a model's named parameters. Nothing here imports a framework.
 """
@@ -7,6 +7,7 @@ to a model's named parameters. Nothing here imports a framework.
 from __future__ import annotations
 
 import fnmatch
+import warnings
 from typing import Dict, Iterable, Mapping, Optional, Sequence
 
 import torch
@@ -20,17 +21,30 @@ def _matches(name: str, globs: Iterable[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, glob) for glob in globs)
 
 
-def expert_slices(module: nn.Module, local_name: str, param: torch.Tensor) -> int:
-    """How many experts ``module.<local_name>`` stacks along dim 0 (a 3-d fused
-    experts tensor, ``families.FUSED_EXPERT_WEIGHTS``), or 1 for any other tensor."""
-    if param.dim() != 3:
-        return 1
+def expert_slices(
+    module: nn.Module, local_name: str, param: torch.Tensor, name: str = ""
+) -> int:
+    """How many experts ``module.<local_name>`` (the parameter ``name``) stacks along
+    dim 0 (a fused experts tensor, ``families.FUSED_EXPERT_WEIGHTS``), or 1 for any
+    other tensor."""
     class_name = type(module).__name__
-    for class_glob, param_glob in families.FUSED_EXPERT_WEIGHTS:
-        if fnmatch.fnmatchcase(class_name, class_glob) and fnmatch.fnmatchcase(
-            local_name, param_glob
-        ):
-            return int(param.shape[0])
+    for class_glob, param_glob, attribute in families.FUSED_EXPERT_WEIGHTS:
+        if not (fnmatch.fnmatchcase(class_name, class_glob)
+                and fnmatch.fnmatchcase(local_name, param_glob)):
+            continue
+        if not attribute:
+            return int(param.shape[0]) if param.dim() == 3 else 1
+        count = getattr(module, attribute, None)
+        if isinstance(count, int) and count >= 1 and param.dim() and param.shape[0] % count == 0:
+            return count
+        warnings.warn(
+            f"{name or local_name} ({class_name}.{local_name}) of shape "
+            f"{tuple(param.shape)} stacks experts "
+            f"along dim 0, but {class_name}.{attribute} = {count!r} is no number of "
+            "experts that divides it, so LIPS ranks it as one tensor, not per expert. "
+            "Fix: correct the row of lips_wrap.families.FUSED_EXPERT_WEIGHTS",
+            UserWarning, stacklevel=2,
+        )
     return 1
 
 
@@ -38,7 +52,7 @@ def slices_by_name(slots: Sequence[NamedSlot]) -> Dict[str, int]:
     """Parameter name -> expert slices, for the fused expert tensors among ``slots``."""
     found = {}
     for name, module, local in slots:
-        slices = expert_slices(module, local, getattr(module, local))
+        slices = expert_slices(module, local, getattr(module, local), name)
         if slices > 1:
             found[name] = slices
     return found

@@ -32,8 +32,8 @@ LAYER_WEIGHTS: Tuple[Tuple[Type[nn.Module], str], ...] = (
 # library. transformers' Conv1D (GPT-2) is a linear layer whose weight is stored
 # (in, out); timm's CondConv2d keeps one flattened kernel per expert; transformers'
 # mixture-of-experts blocks (MixtralExperts, Qwen2MoeExperts, ...) hold every expert's
-# projections as one 3-d parameter; I-BERT's QuantLinear and Moshi's per-codebook
-# linear keep their own weight.
+# projections as one 3-d parameter (DBRX's as 2-d ``[experts * ffn, hidden]``); I-BERT's
+# QuantLinear and Moshi's per-codebook linear keep their own weight.
 LAYER_WEIGHTS_BY_CLASS_NAME: Tuple[Tuple[str, str], ...] = (
     ("Conv1D", "weight"),
     ("CondConv2d", "weight"),
@@ -42,6 +42,8 @@ LAYER_WEIGHTS_BY_CLASS_NAME: Tuple[Tuple[str, str], ...] = (
     ("*Experts", "up_proj"),
     ("*Experts", "down_proj"),
     ("*ParallelExperts", "weight"),
+    ("DbrxExpertGLU", "[wv]1"),
+    ("DbrxExpertGLU", "w2"),
     ("QuantLinear", "weight"),
     ("MoshiFlexibleLinear", "weight"),
 )
@@ -123,17 +125,21 @@ HF_BLOCK_MODULES: Dict[str, Tuple[str, ...]] = {
 }
 
 # --- mixture of experts ----------------------------------------------------------------
-# (class-name glob, parameter glob): 3-d tensors that stack every expert's weight along
-# dim 0, ``[experts, out, in]`` (or ``[experts, in, out]``): transformers' fused experts
-# (``mlp.experts.gate_up_proj`` of Mixtral, Qwen-MoE, OLMoE, DeepSeek, ...) and JetMoE's
-# ``ParallelExperts``. Each expert is a layer: its slice is ranked and keeps its own
+# (class-name glob, parameter glob, attribute): tensors that stack every expert's weight
+# along dim 0. Without an attribute: 3-d tensors ``[experts, out, in]`` (or ``[experts,
+# in, out]``), transformers' fused experts (``mlp.experts.gate_up_proj`` of Mixtral,
+# Qwen-MoE, OLMoE, DeepSeek, ...) and JetMoE's ``ParallelExperts``. With one: the module
+# attribute that holds the number of experts of a 2-d ``[experts * rows, cols]`` tensor
+# (DBRX). Each expert is a layer: its slice is ranked and keeps its own
 # ``int(d * numel)``, exactly as the same expert stored as an ``nn.Linear`` would.
-FUSED_EXPERT_WEIGHTS: Tuple[Tuple[str, str], ...] = (
-    ("*Experts", "gate_up_proj"),
-    ("*Experts", "gate_proj"),
-    ("*Experts", "up_proj"),
-    ("*Experts", "down_proj"),
-    ("*ParallelExperts", "weight"),
+FUSED_EXPERT_WEIGHTS: Tuple[Tuple[str, str, str], ...] = (
+    ("*Experts", "gate_up_proj", ""),
+    ("*Experts", "gate_proj", ""),
+    ("*Experts", "up_proj", ""),
+    ("*Experts", "down_proj", ""),
+    ("*ParallelExperts", "weight", ""),
+    ("DbrxExpertGLU", "[wv]1", "moe_num_experts"),
+    ("DbrxExpertGLU", "w2", "moe_num_experts"),
 )
 
 # Names (module or parameter attribute) of the routers and gates of a mixture-of-experts

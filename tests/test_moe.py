@@ -321,3 +321,49 @@ def test_fused_and_unfused_experts_get_the_same_masks(score):
             assert torch.equal(layer.mlp.experts.gate_up_proj[expert],
                                twin.gate_up[expert].weight)
             assert torch.equal(layer.mlp.experts.down_proj[expert], twin.down[expert].weight)
+
+
+def dbrx() -> nn.Module:
+    return transformers.DbrxForCausalLM(transformers.DbrxConfig(
+        d_model=16, n_heads=2, n_layers=2, max_seq_len=32, vocab_size=64,
+        attn_config={"kv_n_heads": 1, "rope_theta": 10000.0},
+        ffn_config={"ffn_hidden_size": 8, "moe_num_experts": EXPERTS, "moe_top_k": 2}))
+
+
+def test_dbrx_row_stacked_experts_are_layers_ranked_per_expert():
+    # DBRX keeps each projection of all experts as one 2-d [experts * ffn, hidden] tensor
+    torch.manual_seed(0)
+    model = dbrx()
+    plan = find_layers(model)
+    decisions = {d.name: d for d in plan.decisions}
+    block = "transformer.blocks.0.ffn."
+    for local in ("w1", "v1", "w2"):
+        decision = decisions[f"{block}experts.mlp.{local}"]
+        assert decision.eligible and decision.slices == EXPERTS
+        assert decision.why.endswith(f"; per expert, {EXPERTS} x 16")
+    assert not decisions[f"{block}router.layer.weight"].eligible
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    masked, _ = mask_global_state(state, None, plan, 1, LIPSConfig(10))
+    for local in ("w1", "v1", "w2"):
+        rows = masked[f"{block}experts.mlp.{local}"].view(EXPERTS, -1)
+        assert (rows != 0).sum(dim=1).tolist() == [int(0.5 * 8 * 16)] * EXPERTS
+        expected = per_slice_reference(state[f"{block}experts.mlp.{local}"].abs()
+                                       .view(EXPERTS, -1), int(0.5 * 8 * 16))
+        assert torch.equal(rows != 0, expected)
+    assert masked[f"{block}router.layer.weight"] is state[f"{block}router.layer.weight"]
+
+
+def test_a_wrong_expert_count_is_a_warning_and_the_tensor_is_ranked_whole():
+    torch.manual_seed(0)
+    model = dbrx()
+    model.transformer.blocks[0].ffn.experts.mlp.moe_num_experts = 3  # 32 rows: no
+    with pytest.warns(UserWarning) as caught:
+        plan = find_layers(model)
+    assert [str(w.message).split(" (")[0] for w in caught] == [
+        f"transformer.blocks.0.ffn.experts.mlp.{local}" for local in ("w1", "v1", "w2")]
+    assert "(DbrxExpertGLU.w1) of shape (32, 16) stacks experts along dim 0, but " \
+           "DbrxExpertGLU.moe_num_experts = 3 is no number" in str(caught[0].message)
+    assert "ranks it as one tensor, not per expert" in str(caught[0].message)
+    decisions = {d.name: d for d in plan.decisions}
+    assert decisions["transformer.blocks.0.ffn.experts.mlp.w1"].slices == 1
+    assert decisions["transformer.blocks.1.ffn.experts.mlp.w1"].slices == EXPERTS
