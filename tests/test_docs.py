@@ -223,3 +223,70 @@ def test_diagnostics_page_states_the_current_threshold():
     assert f"`lips_wrap.diagnostics.INERTIA_THRESHOLD` (**{INERTIA_THRESHOLD}**)" in text, (
         "docs/diagnostics.md must state the threshold's value and where it comes from"
     )
+
+
+ROLE = re.compile(r":(meth|class|func|data|attr|mod|exc|obj):(`|<code>)")
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory) -> Path:
+    """The documentation site, built in strict mode."""
+    pytest.importorskip("mkdocs")
+    pytest.importorskip("mkdocstrings_handlers.python")
+    out = tmp_path_factory.mktemp("site")
+    env = dict(os.environ, NO_MKDOCS_2_WARNING="1", OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir",
+                           str(out)], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return out
+
+
+def _public_names(module_file: Path) -> List[str]:
+    """``__all__`` of a module, read without importing it (its framework may be absent)."""
+    import ast
+
+    for node in ast.parse(module_file.read_text(encoding="utf-8")).body:
+        if isinstance(node, ast.Assign) and any(
+                getattr(t, "id", None) == "__all__" for t in node.targets):
+            return list(ast.literal_eval(node.value))
+    return []
+
+
+def test_built_site_shows_no_raw_rest_markup(site):
+    for page in site.rglob("*.html"):
+        html = page.read_text(encoding="utf-8")
+        label = page.relative_to(site)
+        assert not ROLE.search(html), f"{label}: raw reST role {ROLE.search(html).group(0)}"
+        assert "Example::" not in html and "Examples::" not in html, f"{label}: Example::"
+        unresolved = re.search(r"\]\[[\w.]+\]", html)
+        assert not unresolved, f"{label}: cross-reference left as text: {unresolved.group(0)}"
+
+
+def test_api_reference_lists_every_integration_name_under_its_import_path(site):
+    html = (site / "api" / "index.html").read_text(encoding="utf-8")
+    missing = []
+    for module_file in sorted((REPO / "integrations").glob("[!_]*.py")):
+        module = f"lips_wrap.integrations.{module_file.stem}"
+        names = _public_names(module_file)
+        missing += [f"{module}.{name}" for name in names
+                    if f'id="{module}.{name}"' not in html]
+    assert 'id="lips_wrap.integrations.hf.LIPSCallback"' in html
+    assert not missing, f"docs/api.md does not render {missing}"
+
+
+def test_api_reference_cross_references_are_links(site):
+    html = (site / "api" / "index.html").read_text(encoding="utf-8")
+    assert html.count("autorefs-internal") >= 20
+    assert 'href="#lips_wrap.LIPSConfig"' in html
+
+
+def test_site_embeds_figures_and_requests_no_web_fonts(site):
+    for page in ("results", "diagnostics"):
+        html = (site / page / "index.html").read_text(encoding="utf-8")
+        images = re.findall(r'<img [^>]*src="([^"]+)"', html)
+        assert images, f"the {page} page shows no figure"
+        for src in images:
+            assert (site / page / src).resolve().is_file(), f"{page}: missing image {src}"
+    for page in site.rglob("*.html"):
+        assert "fonts.googleapis" not in page.read_text(encoding="utf-8"), page
