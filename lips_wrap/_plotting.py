@@ -50,7 +50,7 @@ def plot_inertia(
         updates: relative updates, layers x rounds.
         path: where the PNG goes.
         title: figure title.
-        groups: (label, rows) of the lines; default :func:`layer_groups`.
+        groups: (label, rows) of the lines; default ``layer_groups``.
         rounds: the round number of each column (default 0, 1, ...).
     """
     figure_class = _figure_class()

@@ -4,7 +4,7 @@ Specs take comma-separated ``key=value`` options after the name, passed to the
 constructor (values are Python literals): ``timm:vit_tiny_patch16_224,img_size=64``,
 ``hf:gpt2,n_layer=4``, ``hf:bert,task=base``. Nothing is downloaded: timm models are
 built with ``pretrained=False``; Hugging Face models from ``AutoConfig.for_model`` with
-small sizes (:data:`HF_SMALL_SIZES`, each overridable), or from a local folder.
+small sizes (``HF_SMALL_SIZES``, each overridable), or from a local folder.
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 A simulation or a framework process often trains many clients in turn on one model
 and one optimizer. Each client's stored gradients and round bookkeeping must follow
-that client: :meth:`ClientStates.activate` saves the state of the client that was
-active and restores (or starts fresh) the state of the next one.
+that client: [`ClientStates.activate`][lips_wrap.ClientStates.activate] saves the state of the
+client that was active and restores (or starts fresh) the state of the next one.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ _NO_CLIENT = object()
 class ClientStates:
     """Per-client LIPS states for ``lips``, keyed by any hashable client id.
 
-    Example::
-
+    Example:
+        ```python
         clients = ClientStates(lips)
         for rnd in range(rounds):
             for cid in selected:
@@ -28,6 +28,7 @@ class ClientStates:
                 clients.activate(cid)
                 lips.on_global_model(rnd)
                 train(model, lips.optimizer)
+        ```
     """
 
     def __init__(
@@ -35,7 +36,7 @@ class ClientStates:
     ) -> None:
         """``carry``: the states of another ``ClientStates`` to take over, e.g. when a
         new LIPS is built each round around a fresh optimizer (call its
-        :meth:`save` first). ``fix``: how the warning about training that bypassed
+        [`save`][ClientStates.save] first). ``fix``: how the warning about training that bypassed
         ``lips.optimizer`` tells the fix, in the caller's terms (an adapter's)."""
         if not isinstance(lips, LIPS):
             raise TypeError(f"ClientStates needs a LIPS, got {type(lips).__name__}")
@@ -57,9 +58,9 @@ class ClientStates:
         self.active = client
 
     def save(self) -> None:
-        """Store the active client's current state (done by :meth:`activate` too),
-        after :meth:`LIPS.end_round`: its training since its round began must have
-        gone through ``lips.optimizer`` (a warning or an error otherwise, per
+        """Store the active client's current state (done by [`activate`][ClientStates.activate]
+        too), after [`LIPS.end_round`][lips_wrap.LIPS.end_round]: its training since its round began
+        must have gone through ``lips.optimizer`` (a warning or an error otherwise, per
         ``LIPSConfig.unwrapped_training``)."""
         if self.active is not _NO_CLIENT:
             self.lips.end_round(f"the round of client {self.active!r}", self._fix)
@@ -76,7 +77,8 @@ class ClientStates:
         return {"clients": dict(self._states)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned; no client is active afterwards.
+        """Restore what [`state_dict`][ClientStates.state_dict] returned; no client is active
+        afterwards.
         Each client's state is checked when it is activated."""
         if not isinstance(state, Mapping) or not isinstance(state.get("clients"), Mapping):
             raise ValueError(

@@ -53,7 +53,7 @@ class LIPSConfig:
         period: mask every ``period``-th aggregation (``K``, reference 5; >= 1).
         start_density: share of entries kept at the first mask (``d0``, in (0, 1]);
             the density grows linearly to 1 over the run.
-        score: how entries are ranked: one of :data:`SCORES`.
+        score: how entries are ranked: one of ``SCORES``.
         include: name patterns (``fnmatch`` globs on parameter names) that make a
             tensor eligible, whatever the detection says.
         exclude: name patterns that make a tensor exempt; they win over ``include``.
@@ -66,7 +66,7 @@ class LIPSConfig:
             parameter, ``"cpu"`` moves them off the accelerator for large models.
         seed: seed of the ``random`` score.
         unwrapped_training: what to do when the model trained since the last
-            :meth:`~lips_wrap.LIPS.on_global_model` call but no step went through
+            [`on_global_model`][lips_wrap.LIPS.on_global_model] call but no step went through
             ``lips.optimizer`` (so no gradient was kept): ``"warn"`` (default),
             ``"error"`` (raise ``RuntimeError`` before any change) or ``"ignore"``.
         reference: ``"zero"`` (default, the paper's method: dropped entries become 0)

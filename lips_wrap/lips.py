@@ -71,17 +71,18 @@ class LIPS:
     Args:
         model: the client's model; the global weights are loaded into it each round.
         optimizer: any ``torch.optim.Optimizer`` holding the model's parameters. Train
-            with :attr:`optimizer` (the wrapper) instead, so the last-step gradients
+            with ``optimizer`` (the wrapper) instead, so the last-step gradients
             are kept.
         config: the method's settings.
 
-    Example::
-
+    Example:
+        ```python
         lips = LIPS(model, torch.optim.SGD(model.parameters(), lr=0.1), LIPSConfig(300))
         for rnd in range(300):
             model.load_state_dict(global_state)
             lips.on_global_model(rnd)
             train_one_round(model, lips.optimizer)
+        ```
     """
 
     def __init__(
@@ -226,10 +227,10 @@ class LIPS:
 
     def end_round(self, where: str = "lips.end_round()", fix: Optional[str] = None) -> None:
         """Call when this round's local training is over: checks that it went through
-        :attr:`optimizer` and warns or raises (``LIPSConfig.unwrapped_training``) if
-        the model was trained some other way. The next :meth:`on_global_model` checks
-        the same; callers that build a new LIPS every round (the Flower and FedML
-        adapters) never reach it and call this instead. ``where`` and ``fix`` name
+        ``optimizer`` and warns or raises (``LIPSConfig.unwrapped_training``) if
+        the model was trained some other way. The next [`on_global_model`][LIPS.on_global_model]
+        checks the same; callers that build a new LIPS every round (the Flower and FedML adapters)
+        never reach it and call this instead. ``where`` and ``fix`` name
         the caller and the fix in the caller's terms in the message."""
         self._check_training(where, fix or _TRAIN_WITH_WRAPPER)
 
@@ -380,7 +381,7 @@ class LIPS:
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore a state from :meth:`state_dict` (a client's own, or a fresh one).
+        """Restore a state from [`state_dict`][LIPS.state_dict] (a client's own, or a fresh one).
 
         The whole dict is checked first; on any error this LIPS is left unchanged.
         """

@@ -1,11 +1,11 @@
 """Masking numerics: scores, exact per-tensor keep-masks, and the one score -> select
 -> overwrite step used by the client and the server side. Pure tensor functions.
 
-Every score is "higher is kept". :func:`keep_mask` keeps exactly ``k`` entries: all
+Every score is "higher is kept". ``keep_mask`` keeps exactly ``k`` entries: all
 entries scoring above the k-th largest score, then, among the entries that tie with
 it, those with the lowest flat (row-major) index. The result is deterministic and does
 not depend on the device or on how the selection is computed (see
-:mod:`lips_wrap.selection`, which finds it without sorting).
+``lips_wrap.selection``, which finds it without sorting).
 """
 
 from __future__ import annotations

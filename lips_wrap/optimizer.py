@@ -47,7 +47,7 @@ def _count_raw_step(wrapper_ref: "weakref.ref[LIPSOptimizer]") -> Callable[..., 
 class LIPSOptimizer(torch.optim.Optimizer):
     """The user's optimizer, plus last-step gradient capture and state masking.
 
-    Build it through :class:`lips_wrap.LIPS`, which knows the eligible parameters.
+    Build it through [`lips_wrap.LIPS`][lips_wrap.LIPS], which knows the eligible parameters.
     """
 
     def __init__(

@@ -8,7 +8,8 @@ from typing import Optional, Tuple
 
 @dataclass(frozen=True)
 class MaskReport:
-    """What :meth:`lips_wrap.LIPS.on_global_model` (or the server side) did in one round.
+    """What [`lips_wrap.LIPS.on_global_model`][lips_wrap.LIPS.on_global_model] (or the server side)
+    did in one round.
 
     ``round`` is the 0-based round about to start. ``density`` is None on rounds
     that do not mask. ``fallback`` names the tensors scored by magnitude because no

@@ -1,8 +1,8 @@
 """The eligibility rule, written once: what counts as a layer weight, what is always
 exempt (norms, embeddings, biases), and the generic rule for plain torch models.
 Every detector (``detect_timm``, ``detect_hf``, the generic rule) decides a
-parameter's kind through :func:`layer_weight_verdict`; the knowledge itself is data
-in :mod:`lips_wrap.families`.
+parameter's kind through ``layer_weight_verdict``; the knowledge itself is data
+in ``lips_wrap.families``.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """Exact top-k selection without sorting. Pure tensor functions.
 
-:func:`select_top_k` finds which ``k`` entries of a score tensor to keep, with the rule
-of :func:`lips_wrap.masking.keep_mask`: every entry scoring above the k-th largest
+``select_top_k`` finds which ``k`` entries of a score tensor to keep, with the rule
+of ``lips_wrap.masking.keep_mask``: every entry scoring above the k-th largest
 score, then, among the entries equal to it, those with the lowest flat (row-major)
-index. The answer is a :class:`Selection` (a threshold and a flat-index cutoff), from
+index. The answer is a ``Selection`` (a threshold and a flat-index cutoff), from
 which any chunk of a mask can be rebuilt with two comparisons.
 
 How it finds the k-th largest score (a sample-select, linear time, no sort):
@@ -20,7 +20,7 @@ How it finds the k-th largest score (a sample-select, linear time, no sort):
 4. Only when ties straddle the threshold, a second pass finds the flat index up to
    which tied entries are kept.
 
-Extra memory is bounded by one chunk and the candidates (at most :data:`BUDGET` of the
+Extra memory is bounded by one chunk and the candidates (at most ``BUDGET`` of the
 tensor), except in the fallback of step 3. The same code runs on any device; it does
 not call ``.item()`` inside the chunk loop.
 """
@@ -55,7 +55,7 @@ class NonFiniteError(ValueError):
 
 
 def check_finite(tensor: Tensor, what: str, allow_inf: bool = False) -> None:
-    """Raise :class:`NonFiniteError` naming ``what`` if ``tensor`` holds NaN (or inf,
+    """Raise ``NonFiniteError`` naming ``what`` if ``tensor`` holds NaN (or inf,
     unless ``allow_inf``).
 
     One float32 sum decides the common case (NaN and inf propagate into it); only a
@@ -97,10 +97,10 @@ def select_top_k(
     score: Tensor, k: int, name: str = "score", chunk: Optional[int] = None,
     check: bool = True,
 ) -> Selection:
-    """The :class:`Selection` keeping exactly ``k`` entries of ``score``.
+    """The ``Selection`` keeping exactly ``k`` entries of ``score``.
 
     Keeps the ``k`` largest scores; ties at the threshold go to the lowest flat
-    indices. With ``check`` it raises :class:`NonFiniteError` (a ``ValueError``)
+    indices. With ``check`` it raises ``NonFiniteError`` (a ``ValueError``)
     naming ``name`` if the score holds NaN or inf (the test is fused into the pass);
     without, the caller guarantees there is no NaN (e.g. a score of finite weights and
     gradients, where an overflow to +inf is simply ranked first).
@@ -125,9 +125,9 @@ def select_top_k(
 def select_top_k_slices(
     score: Tensor, slices: int, k: int, name: str = "score", check: bool = True,
 ) -> List[Selection]:
-    """One :class:`Selection` per slice of ``score``, cut into ``slices`` equal slices
+    """One ``Selection`` per slice of ``score``, cut into ``slices`` equal slices
     along dim 0 (the experts of a fused ``[experts, out, in]`` tensor): each keeps
-    exactly ``k`` entries of its slice by the rule of :func:`select_top_k`, its cutoff
+    exactly ``k`` entries of its slice by the rule of ``select_top_k``, its cutoff
     a flat index within the slice. Small slices are resolved together (one batched
     ``torch.kthvalue``, no per-slice synchronisation), large ones one by one. With
     ``slices=1`` this is ``[select_top_k(score, k)]``.
@@ -183,7 +183,7 @@ def kth_largest_counts(
 ) -> Tuple[float, int, int]:
     """``(t, above, ties)``: the k-th largest value ``t`` of the 1-D ``flat`` (1 <= k <=
     numel), how many entries exceed it and how many equal it. ``check`` as in
-    :func:`select_top_k`."""
+    ``select_top_k``."""
     step = chunk or default_chunk(flat.device)
     numel = flat.numel()
     if numel <= SMALL:

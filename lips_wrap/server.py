@@ -141,8 +141,8 @@ class ServerMasker:
     def __call__(
         self, state: Mapping[str, torch.Tensor], round_index: int
     ) -> Tuple[Dict[str, torch.Tensor], MaskReport]:
-        """:func:`mask_global_state` against the remembered previous model; what is
-        returned becomes the new previous model."""
+        """[`mask_global_state`][lips_wrap.mask_global_state] against the remembered previous model;
+        what is returned becomes the new previous model."""
         masked, report = mask_global_state(
             state, self.previous, self.plan, round_index, self.config, self.reference
         )

@@ -24,8 +24,8 @@ _GradMark = Optional[Tuple["weakref.ref[torch.Tensor]", int]]
 
 
 class TrainingWitness:
-    """Remembers the state of the eligible weights at :meth:`mark`, and tells at
-    :meth:`unwrapped_training` whether they were trained since without the wrapper."""
+    """Remembers the state of the eligible weights at ``mark``, and tells at
+    ``unwrapped_training`` whether they were trained since without the wrapper."""
 
     def __init__(
         self, params: Mapping[str, torch.nn.Parameter], optimizer: LIPSOptimizer
@@ -44,7 +44,7 @@ class TrainingWitness:
         }
 
     def unwrapped_training(self) -> Optional[str]:
-        """What shows training without the wrapper since :meth:`mark`, or None."""
+        """What shows training without the wrapper since ``mark``, or None."""
         wrapped, raw = self._optimizer.step_counts
         if wrapped > self._steps[0]:
             return None
