@@ -2,33 +2,34 @@
 
 Two mixins, one per side of the federation; each goes *first* in the class's bases:
 
-- :class:`LIPSTrainerMixin`, client side (the method as in the paper). The trainer's
+- [`LIPSTrainerMixin`][LIPSTrainerMixin], client side (the method as in the paper). The trainer's
   ``train()`` wraps the optimizer it builds with ``self.lips_optimizer(optimizer, args)``.
   That call masks, on mask rounds, the global model ``set_model_params`` just delivered
   (scores ``|g * W|`` from this client's last-step gradients of its previous training)
   and returns the LIPS optimizer, which keeps this round's last-step gradients. The
   trainer keeps one LIPS state per client id (``self.id``), so one trainer object can
   serve every client of FedML's single-process simulator.
-- :class:`LIPSAggregatorMixin`, server side (clients unchanged): ``on_after_aggregation``
-  masks the aggregated model with :func:`lips_wrap.mask_global_state` (score
-  ``|dW * W|``, ``dW`` = aggregate minus the global model sent last round), the same
-  core function the Flower adapter uses.
+- [`LIPSAggregatorMixin`][LIPSAggregatorMixin], server side (clients unchanged):
+  ``on_after_aggregation`` masks the aggregated model with
+  [`lips_wrap.mask_global_state`][lips_wrap.mask_global_state]
+  (score ``|dW * W|``, ``dW`` = aggregate minus the global model sent last round), the same core
+  function the Flower adapter uses.
 
 Rounds: both sides read FedML's ``args.round_idx`` (0-based), the round being trained or
 aggregated. Cross-silo FedML sets it on the client right before ``train()`` and on the
 server during aggregation; it is *stale* when ``set_model_params`` runs on a client,
 which is why the client-side mask lands when ``train()`` wraps its optimizer (before
 the first step, on the weights just delivered). The single-process simulator does not
-set it: :class:`FedAvgSimulation` does. ``LIPSConfig.total_rounds`` is
-``args.comm_round`` (see :func:`lips_config_from_args`).
+set it: [`FedAvgSimulation`][FedAvgSimulation] does. ``LIPSConfig.total_rounds`` is
+``args.comm_round`` (see [`lips_config_from_args`][lips_config_from_args]).
 
 FedML's single-process FedAvg (``FedMLRunner`` with ``backend: sp``) ignores the trainer
-and aggregator it is given: :class:`FedAvgSimulation` is that same simulator, training
+and aggregator it is given: [`FedAvgSimulation`][FedAvgSimulation] is that same simulator, training
 with the given ``ClientTrainer`` and aggregating with the given ``ServerAggregator``.
 
 Offline: do not call ``fedml.init`` (it asks FedML's cloud config service, with no
 timeout, and writes to ``~/.fedml`` and ``./logs``). Build ``args`` with
-:func:`offline_args`, which also points FedML's tracking at these args so that its
+[`offline_args`][offline_args], which also points FedML's tracking at these args so that its
 ``mlops`` calls are no-ops.
 """
 
@@ -63,15 +64,16 @@ ARG_SETTINGS: Dict[str, str] = {
     "lips_seed": "seed",
 }
 """FedML ``args`` attributes (e.g. from the YAML's ``train_args``) read by
-:func:`lips_config_from_args`, and the :class:`LIPSConfig` field each sets."""
+[`lips_config_from_args`][lips_config_from_args], and the [`LIPSConfig`][lips_wrap.LIPSConfig] field
+each sets."""
 
 Dataset = List[Any]
-"""FedML's 8-item dataset list (see :func:`fedml_dataset`)."""
+"""FedML's 8-item dataset list (see [`fedml_dataset`][fedml_dataset])."""
 
 
 def lips_config_from_args(args: Any) -> LIPSConfig:
     """``LIPSConfig(total_rounds=args.comm_round)`` plus any ``lips_*`` settings in
-    ``args`` (:data:`ARG_SETTINGS`), so a FedML YAML file can configure LIPS."""
+    ``args`` ([`ARG_SETTINGS`][ARG_SETTINGS]), so a FedML YAML file can configure LIPS."""
     rounds = getattr(args, "comm_round", None)
     if rounds is None:
         raise ValueError(
@@ -101,17 +103,20 @@ def lips_round(args: Any) -> int:
 class LIPSTrainerMixin:
     """Client-side LIPS for a ``fedml.core.ClientTrainer``: add it to the bases.
 
-    ``__init__`` takes the keyword ``lips_config`` (default: :func:`lips_config_from_args`
-    of ``args``) and passes the rest on. In ``train()``, wrap the optimizer::
+    ``__init__`` takes the keyword ``lips_config`` (default:
+    [`lips_config_from_args`][lips_config_from_args] of ``args``) and passes the rest on. In
+    ``train()``, wrap the optimizer:
 
-        class Trainer(LIPSTrainerMixin, ClientTrainer):
-            def train(self, train_data, device, args):
-                optimizer = torch.optim.SGD(self.model.parameters(), lr=args.learning_rate)
-                optimizer = self.lips_optimizer(optimizer, args)   # LIPS
-                ...  # the usual loop, stepping `optimizer`
+    ```python
+    class Trainer(LIPSTrainerMixin, ClientTrainer):
+        def train(self, train_data, device, args):
+            optimizer = torch.optim.SGD(self.model.parameters(), lr=args.learning_rate)
+            optimizer = self.lips_optimizer(optimizer, args)   # LIPS
+            ...  # the usual loop, stepping `optimizer`
+    ```
 
     Without that call LIPS does nothing. ``self.lips_report`` is the
-    :class:`~lips_wrap.MaskReport` of the round just started.
+    [`MaskReport`][lips_wrap.MaskReport] of the round just started.
     """
 
     def __init__(self, model: Any, args: Any, *rest: Any,
@@ -154,14 +159,15 @@ class LIPSTrainerMixin:
 class LIPSAggregatorMixin:
     """Server-side LIPS for a ``fedml.core.ServerAggregator``: list it first in the bases.
 
-    After FedML aggregates round ``args.round_idx = t``, :meth:`on_after_aggregation`
-    masks, on mask rounds (rounds 1, 1 + K, ...), the model sent for round ``t + 1``
-    with :func:`lips_wrap.mask_global_state`. The previous global model is the one this
-    method returned last time (what FedML sent), at first the model's weights at
-    construction. ``self.lips_reports`` maps each round to its report. A subclass that
-    overrides ``on_after_aggregation`` must call ``super()`` in it.
+    After FedML aggregates round ``args.round_idx = t``,
+    [`on_after_aggregation`][LIPSAggregatorMixin.on_after_aggregation] masks, on mask rounds (rounds
+    1, 1 + K, ...), the model sent for round ``t + 1`` with
+    [`lips_wrap.mask_global_state`][lips_wrap.mask_global_state]. The previous global model is the
+    one this method returned last time (what FedML sent), at first the model's weights at
+    construction. ``self.lips_reports`` maps each round to its report. A subclass that overrides
+    ``on_after_aggregation`` must call ``super()`` in it.
 
-    Keyword ``lips_config`` as in :class:`LIPSTrainerMixin`.
+    Keyword ``lips_config`` as in [`LIPSTrainerMixin`][LIPSTrainerMixin].
     """
 
     def __init__(self, model: Any, args: Any, *rest: Any,
@@ -263,13 +269,13 @@ SP_DEFAULTS: Dict[str, Any] = {
     "using_mlops": False,
     "sys_perf_profiling": False,
 }
-"""Defaults of :func:`offline_args`: a single-process FedAvg simulation, tracking off."""
+"""Defaults of [`offline_args`][offline_args]: a single-process FedAvg simulation, tracking off."""
 
 
 def offline_args(**settings: Any) -> argparse.Namespace:
     """FedML arguments for a run without ``fedml.init`` (no network, no ``~/.fedml``).
 
-    Starts from :data:`SP_DEFAULTS`, applies ``settings`` (any FedML argument, e.g.
+    Starts from [`SP_DEFAULTS`][SP_DEFAULTS], applies ``settings`` (any FedML argument, e.g.
     ``comm_round=20`` or cross-silo keys), forces wandb and MLOps tracking off, and
     registers the arguments with ``fedml.mlops`` (``mlops.pre_setup``): FedML's
     tracking calls then see ``using_mlops=False`` and return at once, instead of

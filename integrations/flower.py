@@ -2,12 +2,12 @@
 
 Two ways in, one per side of the federation:
 
-- Client side, the method as in the paper: :func:`lips_train` wraps the training part
+- Client side, the method as in the paper: [`lips_train`][lips_train] wraps the training part
   of a ClientApp's ``@app.train()`` handler. It masks the global model just loaded
   into the model (scores from this node's own last-step gradients) and keeps the
   node's LIPS state in ``context.state`` between rounds, since Flower rebuilds the
   ClientApp every round.
-- Server side, for clients that cannot keep gradients: :class:`LIPSStrategy` wraps any
+- Server side, for clients that cannot keep gradients: [`LIPSStrategy`][LIPSStrategy] wraps any
   strategy (e.g. ``FedAvg``) and, on mask rounds, sends every node a masked copy of the
   global arrays, scored from the aggregated update ``|dW * W|``.
 
@@ -18,7 +18,7 @@ Set ``LIPSConfig(total_rounds=...)`` to the run's number of server rounds. Log l
 name both: ``Flower server round 2 (LIPS round 1): masked ...``.
 
 Seeing LIPS's log lines: they go to the ``lips_wrap`` logger, which has no handler of
-its own; :func:`show_lips_logs` sends them to Flower's console handler.
+its own; [`show_lips_logs`][show_lips_logs] sends them to Flower's console handler.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ SERVER_ROUND_KEY = "server-round"
 """The ConfigRecord entry Flower's strategies set to the 1-based server round."""
 
 STATE_KEY = "lips"
-"""Prefix of the records :func:`lips_train` keeps in ``context.state``."""
+"""Prefix of the records [`lips_train`][lips_train] keeps in ``context.state``."""
 
 
 def _server_round(msg: Message) -> int:
@@ -104,7 +104,7 @@ def _round_label(server_round: int) -> str:
 
 def _report_text(report: MaskReport) -> str:
     """The report without its leading ``round N:`` / ``LIPS round N:`` (the 0-based
-    LIPS round), which :func:`_round_label` already gives."""
+    LIPS round), which ``_round_label`` already gives."""
     text = str(report)
     for head in (f"LIPS round {report.round}: ", f"round {report.round}: "):
         if text.startswith(head):
@@ -244,11 +244,11 @@ def lips_train(
     (the arrays were not loaded yet). It then restores this node's LIPS state from
     ``context.state`` and masks ``model`` if the round (``server-round`` - 1) is a mask
     round; train inside the block with ``lips.optimizer``. On a clean exit it checks
-    that the training went through ``lips.optimizer`` (:meth:`~lips_wrap.LIPS.end_round`:
+    that the training went through ``lips.optimizer`` ([`end_round`][lips_wrap.LIPS.end_round]:
     a warning, or an error with ``LIPSConfig(unwrapped_training="error")``), then writes
     the state (last-step gradients, last round) back to ``context.state``; if the block
     or the check raises, the state stays as it was. ``lips.last_report`` tells what was masked;
-    :func:`report_metrics` turns it into reply metrics.
+    [`report_metrics`][report_metrics] turns it into reply metrics.
 
     Args:
         state_key: prefix of the records kept in ``context.state``.
@@ -258,10 +258,11 @@ def lips_train(
             of the masked tensors per round). Turn off only if the model trains from
             other weights than the received ones on purpose.
 
-    Example::
-
+    Example:
+        ```python
         with lips_train(model, optimizer, msg, context, LIPSConfig(total_rounds=10)) as lips:
             train_fn(model, lips.optimizer, trainloader)
+        ```
     """
     if not isinstance(msg, Message):
         raise TypeError(f"msg must be a flwr Message, got {type(msg).__name__}")
@@ -305,10 +306,11 @@ def report_metrics(report: Optional[MaskReport]) -> MetricRecord:
 class LIPSStrategy(Strategy):
     """Server-side LIPS around any Message-API strategy (clients stay unchanged).
 
-    Everything is delegated to ``strategy``. On mask rounds :meth:`configure_train`
-    replaces, in a new message per node, the global ArrayRecord with a masked copy
-    built by :func:`lips_wrap.mask_global_state` (score ``|dW * W|``, ``dW`` the change
-    of the global arrays over the last round: aggregate minus what was sent; or the
+    Everything is delegated to ``strategy``. On mask rounds
+    [`configure_train`][LIPSStrategy.configure_train] replaces, in a new message per node, the
+    global ArrayRecord with a masked copy built by
+    [`lips_wrap.mask_global_state`][lips_wrap.mask_global_state] (score ``|dW * W|``, ``dW`` the
+    change of the global arrays over the last round: aggregate minus what was sent; or the
     configured magnitude/random score). The inner strategy's records are never changed.
 
     Args:
@@ -317,9 +319,10 @@ class LIPSStrategy(Strategy):
             built once with ``find_layers``), or a ready ``LayerPlan``.
         config: LIPS settings; ``total_rounds`` is the number of server rounds.
 
-    Example::
-
+    Example:
+        ```python
         strategy = LIPSStrategy(FedAvg(fraction_train=1.0), Net(), LIPSConfig(total_rounds=10))
+        ```
     """
 
     def __init__(
