@@ -291,15 +291,19 @@ def lips_train(
 
 def report_metrics(report: Optional[MaskReport]) -> MetricRecord:
     """A MaskReport as reply metrics: ``lips-density`` (0 when not masked),
-    ``lips-zeroed`` (entries set to zero) and ``lips-fallback`` (tensors scored by
+    ``lips-zeroed`` (entries set to zero), ``lips-fallback`` (tensors scored by
     magnitude because this node had no stored gradient for them: it had not trained
-    through ``lips.optimizer`` before this mask round)."""
+    through ``lips.optimizer`` before this mask round) and ``lips-skipped`` (mask
+    rounds this node missed since its previous round, or before its first)."""
+    skipped = 0 if report is None else len(report.skipped)
     if report is None or not report.masked:
-        return MetricRecord({"lips-density": 0.0, "lips-zeroed": 0, "lips-fallback": 0})
+        return MetricRecord({"lips-density": 0.0, "lips-zeroed": 0, "lips-fallback": 0,
+                             "lips-skipped": skipped})
     return MetricRecord({
         "lips-density": float(report.density),
         "lips-zeroed": report.elements_zeroed,
         "lips-fallback": len(report.fallback),
+        "lips-skipped": skipped,
     })
 
 

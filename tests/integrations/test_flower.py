@@ -213,12 +213,19 @@ def test_reply_metrics_carry_the_fallback_count(task_identity):
     context = _context()
     lips = _enter(apps.tiny_net(), _message(1, arrays), context)
     assert dict(report_metrics(lips.last_report)) == {
-        "lips-density": 0.0, "lips-zeroed": 0, "lips-fallback": 0}
+        "lips-density": 0.0, "lips-zeroed": 0, "lips-fallback": 0, "lips-skipped": 0}
     lips = _enter(apps.tiny_net(), _message(2, arrays), context)  # gradients from round 1
     assert dict(report_metrics(lips.last_report))["lips-fallback"] == 0
     lips = _enter(apps.tiny_net(), _message(2, arrays))  # a node new to the federation
     metrics = dict(report_metrics(lips.last_report))
-    assert metrics == {"lips-density": 0.5, "lips-zeroed": 144 + 288, "lips-fallback": 2}
+    assert metrics == {"lips-density": 0.5, "lips-zeroed": 144 + 288, "lips-fallback": 2,
+                       "lips-skipped": 0}
+    # a node that sat out server round 2 (LIPS round 1, a mask round) says so in round 3
+    context = _context()
+    _enter(apps.tiny_net(), _message(1, arrays), context)
+    lips = _enter(apps.tiny_net(), _message(3, arrays), context)
+    assert lips.last_report.skipped == (1,)
+    assert dict(report_metrics(lips.last_report))["lips-skipped"] == 1
 
 
 def test_log_lines_name_the_flower_and_the_lips_round(task_identity, caplog):
