@@ -71,7 +71,7 @@ class LIPS:
     Args:
         model: the client's model; the global weights are loaded into it each round.
         optimizer: any ``torch.optim.Optimizer`` holding the model's parameters. Train
-            with ``optimizer`` (the wrapper) instead, so the last-step gradients
+            with ``lips.optimizer`` (the wrapper) instead, so the last-step gradients
             are kept.
         config: the method's settings.
 
@@ -227,7 +227,7 @@ class LIPS:
 
     def end_round(self, where: str = "lips.end_round()", fix: Optional[str] = None) -> None:
         """Call when this round's local training is over: checks that it went through
-        ``optimizer`` and warns or raises (``LIPSConfig.unwrapped_training``) if
+        ``lips.optimizer`` and warns or raises (``LIPSConfig.unwrapped_training``) if
         the model was trained some other way. The next [`on_global_model`][LIPS.on_global_model]
         checks the same; callers that build a new LIPS every round (the Flower and FedML adapters)
         never reach it and call this instead. ``where`` and ``fix`` name
