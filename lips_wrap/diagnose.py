@@ -37,6 +37,7 @@ from torch import nn
 
 from .diagnostics import (
     INERTIA_THRESHOLD,
+    AnchorDrift,
     InertiaRatio,
     InertiaTracker,
     WindowRatio,
@@ -273,6 +274,7 @@ class Diagnosis:
     threshold: float
     order_note: str = ""
     windows: List[WindowRatio] = field(default_factory=list)
+    drift: Optional[AnchorDrift] = None
 
     @property
     def update_rounds(self) -> List[int]:
@@ -323,6 +325,20 @@ class Diagnosis:
                      + ("kept moving there" if self.stalled else "lagged there only"))
         return line
 
+    def drift_line(self) -> str:
+        """One line: the anchor drift (the authors' measure) beside the ratio, or why
+        there is none."""
+        if self.drift is None:
+            return (f"anchor drift: needs a round after the anchor (update "
+                    f"{self.tracker.anchor_round}); too few checkpoints")
+        d = self.drift
+        anchor, last = self.update_rounds[d.anchor], self.update_rounds[d.last]
+        return (f"anchor drift (since the global model of round {anchor}, to round {last}): "
+                f"middle layers cosine {d.middle_cosine:.3f}, moved {d.middle_drift:.3g} of "
+                f"their norm, norm x{d.middle_norm_growth:.3f}; first/last layers cosine "
+                f"{d.edges_cosine:.3f}, moved {d.edges_drift:.3g}, norm "
+                f"x{d.edges_norm_growth:.3f}; drift ratio middle / edges {d.ratio:.3f}")
+
     def table(self) -> str:
         """Per-layer table: role, shape, mean and last relative update, ratio to the edges."""
         updates = self.tracker.relative_update[:, self.ratio.warmup:]
@@ -347,10 +363,10 @@ class Diagnosis:
         return "\n".join(lines)
 
     def report(self) -> str:
-        """Table, ratio over time and verdict, as the command prints them."""
+        """Table, ratio over time, anchor drift and verdict, as the command prints them."""
         over_time = self.over_time()
         return "\n".join([self.table()] + ([over_time] if over_time else [])
-                         + [self.verdict()])
+                         + [self.drift_line(), self.verdict()])
 
     def to_dict(self) -> Dict[str, Any]:
         """Everything in plain JSON types (non-finite numbers as None). The keys of
@@ -371,6 +387,14 @@ class Diagnosis:
             "relative_update": [[clean(v) for v in row] for row in self.tracker.relative_update],
             "cosine_to_anchor": [[clean(v) for v in row]
                                  for row in self.tracker.cosine_to_anchor],
+            "distance_to_anchor": [[clean(v) for v in row]
+                                   for row in self.tracker.distance_to_anchor],
+            "weight_norm": [[clean(v) for v in row] for row in self.tracker.weight_norm],
+            "anchor_drift": None if self.drift is None else {
+                "anchor_round": self.update_rounds[self.drift.anchor],
+                "last_round": self.update_rounds[self.drift.last],
+                **{k: clean(v) for k, v in self.drift._asdict().items()
+                   if k not in ("anchor", "last")}},
             "verdict": {
                 "stalled": bool(self.stalled),
                 "ratio": clean(r.ratio),
@@ -524,5 +548,6 @@ def diagnose(
     ratio = inertia_ratio(tracker.relative_update, roles, warmup)
     spans = inertia_ratio_by_window(tracker.relative_update, roles,
                                     windows or min(DEFAULT_WINDOWS, updates))
+    drift = tracker.drift(roles) if tracker.rounds > tracker.anchor_round + 1 else None
     return Diagnosis(checkpoints, tracker, roles, [shapes[n] for n in names], ratio,
-                     float(threshold), order_note, spans)
+                     float(threshold), order_note, spans, drift)

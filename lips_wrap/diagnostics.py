@@ -69,6 +69,31 @@ class InertiaRatio(NamedTuple):
     rounds_used: int
 
 
+class AnchorDrift(NamedTuple):
+    """How far each group of layers has moved from the anchor round's weights by the
+    last recorded round (the authors' own measure of inertia), per group the mean over
+    its layers:
+
+    * ``*_cosine``: cosine similarity to the anchor weights (1: not moved),
+    * ``*_drift``: ``||W_last - W_anchor|| / ||W_anchor||``,
+    * ``*_norm_growth``: ``||W_last|| / ||W_anchor||``.
+
+    ``edges`` is the mean of the first and last layers' values (or the one that exists);
+    ``ratio = middle_drift / edges_drift``: well below 1 when the middle layers have
+    stayed near the anchor while the ends moved on.
+    """
+
+    anchor: int
+    last: int
+    middle_cosine: float
+    edges_cosine: float
+    middle_drift: float
+    edges_drift: float
+    middle_norm_growth: float
+    edges_norm_growth: float
+    ratio: float
+
+
 class WindowRatio(NamedTuple):
     """The inertia ratio over one span of recorded rounds: columns ``start`` to
     ``stop - 1`` of the updates (NaN where the span has no finite middle or edge
@@ -135,6 +160,63 @@ def inertia_ratio(
     else:
         ratio = math.inf if middle > 0.0 else math.nan
     return InertiaRatio(ratio, middle, first, last, edges, skip, rounds - skip)
+
+
+def anchor_drift(
+    cosines: np.ndarray, distances: np.ndarray, norms: np.ndarray, roles: Sequence[str],
+    anchor: int, last: Optional[int] = None,
+) -> AnchorDrift:
+    """Anchor drift of the middle layers against the first and last layers.
+
+    Args:
+        cosines, distances, norms: layers x rounds, as
+            :attr:`InertiaTracker.cosine_to_anchor`, ``distance_to_anchor`` and
+            ``weight_norm``.
+        roles: ``"first"``, ``"middle"``, ``"last"`` or ``"other"`` per layer.
+        anchor: the anchor round's column.
+        last: the column to compare with the anchor; default the last one.
+    """
+    cosines, distances, norms = (np.asarray(a, dtype=np.float64)
+                                 for a in (cosines, distances, norms))
+    if not cosines.shape == distances.shape == norms.shape or cosines.ndim != 2 or \
+            cosines.shape[0] != len(roles):
+        raise ValueError(
+            f"cosines, distances and norms must be layers x rounds arrays of one shape with "
+            f"one role per layer; got {cosines.shape}, {distances.shape}, {norms.shape} and "
+            f"{len(roles)} roles"
+        )
+    rounds = cosines.shape[1]
+    last = rounds - 1 if last is None else last
+    for label, value in (("anchor", anchor), ("last", last)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or \
+                not 0 <= value < rounds:
+            raise ValueError(f"{label} must be a column in [0, {rounds - 1}], got {value!r}")
+    if last <= anchor:
+        raise ValueError(f"last ({last}) must come after the anchor ({anchor})")
+    base = norms[:, anchor]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        drift = distances[:, last] / base
+        growth = norms[:, last] / base
+
+    def group(values: np.ndarray, role: str) -> float:
+        cells = values[[i for i, r in enumerate(roles) if r == role]]
+        cells = cells[np.isfinite(cells)]
+        return float(cells.mean()) if cells.size else math.nan
+
+    def middle_and_edges(values: np.ndarray) -> tuple:
+        ends = [v for v in (group(values, "first"), group(values, "last"))
+                if not math.isnan(v)]
+        return group(values, "middle"), float(np.mean(ends)) if ends else math.nan
+
+    if math.isnan(group(drift, "middle")) or not any(r in ("first", "last") for r in roles):
+        raise ValueError("the anchor drift needs a middle layer and a first or last layer "
+                         "with finite values")
+    middle_cos, edges_cos = middle_and_edges(cosines[:, last])
+    middle_drift, edges_drift = middle_and_edges(drift)
+    middle_growth, edges_growth = middle_and_edges(growth)
+    ratio = middle_drift / edges_drift if edges_drift > 0 else math.nan
+    return AnchorDrift(int(anchor), int(last), middle_cos, edges_cos, middle_drift,
+                       edges_drift, middle_growth, edges_growth, ratio)
 
 
 def relative_update(current: torch.Tensor, previous: torch.Tensor) -> float:
@@ -376,6 +458,17 @@ class InertiaTracker:
                               dtype=np.float64).reshape(len(layers), rounds)
                   for m in present}
         return cls._from_arrays(layers, anchor_round, arrays)
+
+    def drift(self, roles: Sequence[str]) -> AnchorDrift:
+        """:func:`anchor_drift` of the recorded rounds, from the anchor round to the
+        last; needs at least one round after the anchor."""
+        if self.rounds <= self.anchor_round + 1:
+            raise ValueError(
+                f"the anchor drift needs a round after the anchor round {self.anchor_round}; "
+                f"{self.rounds} rounds recorded"
+            )
+        return anchor_drift(self.cosine_to_anchor, self.distance_to_anchor, self.weight_norm,
+                            roles, self.anchor_round)
 
     def plot(self, path: Union[str, Path], title: str = "") -> None:
         """Write a PNG: layer x round heatmap of the relative update (log colour
