@@ -3,7 +3,12 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 TORCH := torch==2.14.1 torchvision==0.29.1
-EXTRAS := dev,docs,timm,hf,flower,plot,progress,safetensors
+# nvflare 2.9.0 shares .venv with flower 1.42: installed together, pip settles on
+# protobuf 6.33 / cryptography 50 and `pip check` is clean (measured 2026-12), and the
+# Flower tests pass beside it. Both pin those packages from opposite sides: after
+# bumping either, run `.venv/bin/pip check`, and give NVFlare a venv like FedML's if
+# it complains.
+EXTRAS := dev,docs,timm,hf,flower,nvflare,plot,progress,safetensors
 STAMP := $(VENV)/.lips-installed
 # FedML 0.9.6 pins protobuf/requests/typer against Flower's: it gets its own venv, used
 # by the FedML tests only. grpcio: FedML's gRPC backend (the cross-silo test).

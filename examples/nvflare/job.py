@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from digits_task import Net
 
-from lips_wrap import LIPSConfig
+from lips_wrap import LIPSConfig, density_at
 
 HERE = Path(__file__).resolve().parent
 
@@ -33,7 +33,8 @@ def client_side(args):
         train_args=f"--num-sites {args.sites} --period {args.period}",
     )
     recipe.add_server_config({"server": {"task_request_interval": 0.2}})
-    recipe.run(SimEnv(num_clients=args.sites, workspace_root=args.workspace))
+    recipe.run(SimEnv(num_clients=args.sites, workspace_root=args.workspace,
+                      log_config="WARNING"))
     return Path(args.workspace) / "lips_digits" / "server" / "simulate_job"
 
 
@@ -54,7 +55,7 @@ def server_side(args):
     job.to_server({"server": {"task_request_interval": 0.2}})
     job.to_clients(ScriptRunner(script=str(HERE / "client.py"),
                                 script_args=f"--num-sites {args.sites} --lips off"))
-    job.simulator_run(args.workspace, n_clients=args.sites)
+    job.simulator_run(args.workspace, n_clients=args.sites, log_config="WARNING")
     return Path(args.workspace) / "server" / "simulate_job"
 
 
@@ -72,11 +73,13 @@ def main():
     metrics_file = job_dir / "metrics" / "round_metrics.jsonl"
     rounds = ([json.loads(line) for line in metrics_file.read_text().splitlines()]
               if metrics_file.is_file() else [])
-    print("round  accuracy(received)  accuracy(after training)  LIPS density")
+    schedule = LIPSConfig(total_rounds=args.rounds, period=args.period)
+    print("round  mask density  accuracy of the received model  after local training")
     for entry in rounds:
         values = {m["name"]: m["value"] for m in entry["aggregated_metrics"]}
-        print(f"{entry['round']:5d}  {values['accuracy']:18.3f}  "
-              f"{values['local_accuracy']:24.3f}  {values.get('lips_density', 0.0):12.3f}")
+        density = density_at(entry["round"], schedule) or 0.0
+        print(f"{entry['round']:5d}  {density:12.3f}  {values['accuracy']:30.3f}  "
+              f"{values['local_accuracy']:20.3f}")
     model_file = job_dir / "app_server" / "FL_global_model.pt"
     if len(rounds) != args.rounds or not model_file.is_file():
         sys.exit(f"the run stopped after {len(rounds)} of {args.rounds} rounds: see the "

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -24,6 +25,7 @@ import torch
 pytest.importorskip("nvflare")
 
 APP = Path(__file__).resolve().parent / "nvflare_app"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "nvflare"
 sys.path.insert(0, str(APP))
 
 from nvflare.app_common.abstract.fl_model import FLModel  # noqa: E402
@@ -60,22 +62,16 @@ class SimulationFailed(AssertionError):
     """The simulation did not produce every round's global model and metrics."""
 
 
-def run_simulation(tmp_path: Path, side: str, *, clients: int = 2, threads: int = 2,
-                   rounds: int = 4, period: int = 2, skip_load_round: int = -1) -> Dict:
-    """Run nvflare_app/nvflare_job.py with loopback only; return the round metrics,
-    traces and global model, or raise SimulationFailed with the sites' errors."""
-    workspace, trace = tmp_path / "ws", tmp_path / "trace"
-    trace.mkdir()
-    command = NAMESPACE + [
-        "sh", "-c", 'ip link set lo up && exec "$0" "$@"',
-        sys.executable, str(APP / "nvflare_job.py"), "--workspace", str(workspace),
-        "--trace", str(trace), "--side", side, "--clients", str(clients),
-        "--threads", str(threads), "--rounds", str(rounds), "--period", str(period),
-        "--skip-load-round", str(skip_load_round),
-    ]
+def run_isolated(script_and_args: List[str], cwd: Path) -> str:
+    """Run a Python script in a network namespace with only loopback up, as a process
+    group of its own, stopped (by its id) when the script ends or times out; return
+    its output."""
+    command = NAMESPACE + ["sh", "-c", 'ip link set lo up && exec "$0" "$@"',
+                           sys.executable] + script_and_args
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(APP)}
-    with open(tmp_path / "simulator.log", "w") as log:
-        process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=log,
+    log_path = cwd / "simulator.log"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, cwd=cwd, env=env, stdout=log,
                                    stderr=subprocess.STDOUT, start_new_session=True)
         try:
             process.wait(timeout=SIM_TIMEOUT)
@@ -85,6 +81,21 @@ def run_simulation(tmp_path: Path, side: str, *, clients: int = 2, threads: int 
             except ProcessLookupError:
                 pass
             process.wait()
+    return log_path.read_text()
+
+
+def run_simulation(tmp_path: Path, side: str, *, clients: int = 2, threads: int = 2,
+                   rounds: int = 4, period: int = 2, skip_load_round: int = -1) -> Dict:
+    """Run nvflare_app/nvflare_job.py with loopback only; return the round metrics,
+    traces and global model, or raise SimulationFailed with the sites' errors."""
+    workspace, trace = tmp_path / "ws", tmp_path / "trace"
+    trace.mkdir()
+    run_isolated([
+        str(APP / "nvflare_job.py"), "--workspace", str(workspace), "--trace", str(trace),
+        "--side", side, "--clients", str(clients), "--threads", str(threads),
+        "--rounds", str(rounds), "--period", str(period),
+        "--skip-load-round", str(skip_load_round),
+    ], tmp_path)
     job = workspace / "server" / "simulate_job"
     metrics_file = job / "metrics" / "round_metrics.jsonl"
     metrics = (
@@ -351,3 +362,16 @@ def test_server_side_lips_fedavg(tmp_path):
 def test_a_failing_client_fails_the_run(tmp_path):
     with pytest.raises(SimulationFailed, match="does not hold the received weights"):
         run_simulation(tmp_path, "client", threads=2, rounds=2, skip_load_round=0)
+
+
+@pytest.mark.slow
+@needs_namespace
+def test_example_job(tmp_path):
+    """examples/nvflare/job.py, client side, 2 sites x 2 rounds: it prints a row per
+    round (round 1 masked at the start density) and the global model it read back."""
+    out = run_isolated([str(EXAMPLE / "job.py"), "--sites", "2", "--rounds", "2",
+                        "--period", "1", "--workspace", str(tmp_path / "ws")], tmp_path)
+    rows = re.findall(r"^\s+(\d+)\s+(\d\.\d{3})\s+\d\.\d{3}\s+\d\.\d{3}$", out, re.M)
+    assert rows == [("0", "0.000"), ("1", "0.500")], out[-3000:]
+    model = tmp_path / "ws" / "lips_digits" / "server" / "simulate_job" / "app_server"
+    assert f"global model: {model / 'FL_global_model.pt'}" in out
