@@ -23,6 +23,7 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
         ("mask_speed.py", "mask/fedavg ratio"),
         ("step_overhead.py", "step overhead ratio"),
         ("memory.py", "memory ratio"),
+        ("grad_dtype.py", "bfloat16/float16 differ ratio"),
     ],
 )
 def test_quick_run_ends_with_its_ratio(script, label):
