@@ -68,3 +68,34 @@ def ratio_by_window(relative_update, windows: int = WINDOWS) -> list:
     prints as "ratio over time")."""
     updates = np.asarray(relative_update, dtype=np.float64)
     return inertia_ratio_by_window(updates, roles(updates.shape[0]), windows)
+
+
+
+def _array(rows) -> np.ndarray:
+    """A stored (layers x rounds) list, null as NaN."""
+    return np.array([[np.nan if v is None else v for v in row] for row in rows],
+                    dtype=np.float64)
+
+
+def cosine_drift_ratio(cosine_to_anchor, column: int = -1) -> float:
+    """How far the middle layers turned away from the anchor round's weights, relative
+    to the first and last layers: ``(1 - cos_middle) / (1 - cos_edges)`` at ``column``
+    (the last recorded round by default), cos the cosine to the anchor, the middle
+    the mean over middle layers and the edges the mean of first and last. Below 1: the
+    middle layers stayed closer to the anchor. The cosine is what the authors' code
+    prints; runs stored before the L2 distance was recorded have only this."""
+    turn = 1.0 - _array(cosine_to_anchor)[:, column]
+    return float(turn[1:-1].mean() / ((turn[0] + turn[-1]) / 2))
+
+
+def drift_of(run: dict, anchor: int = 2):
+    """The anchor drift (``lips_wrap.diagnostics.AnchorDrift``) of a stored run from
+    the anchor round to its last round, or None for runs stored without the L2
+    distance and weight norm."""
+    if "distance_to_anchor" not in run:
+        return None
+    from lips_wrap.diagnostics import anchor_drift
+
+    distances = _array(run["distance_to_anchor"])
+    return anchor_drift(_array(run["cosine_to_anchor"]), distances,
+                        _array(run["weight_norm"]), roles(distances.shape[0]), anchor)

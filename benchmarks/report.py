@@ -1,6 +1,8 @@
-"""Markdown tables (as in docs/results.md) from a results JSON of reproduce.py.
+"""Markdown tables (as in docs/results.md) from results JSONs of reproduce.py.
 
     python benchmarks/report.py benchmarks/results/shapes-resnet8-many.json
+    python benchmarks/report.py --across benchmarks/results/*.json
+                        # one table: FedAvg's inertia by both measures against the gain
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from inertia import ratio_by_window  # noqa: E402
-from reproduce import CONTRASTS, summarise  # noqa: E402
+from inertia import cosine_drift_ratio, drift_of, group_means, ratio_by_window  # noqa: E402
+from reproduce import CONTRASTS, paired, summarise  # noqa: E402
 
 
 def _ci(d: Optional[dict]) -> str:
@@ -104,11 +106,89 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def drift_table(result: dict) -> str:
+    """Per arm, the anchor drift at the last round (mean [min, max] over the seeds
+    stored with it); empty for results stored before the drift was recorded."""
+    lines = []
+    for arm, runs in result["runs"].items():
+        drifts = [d for d in (drift_of(r) for r in runs) if d is not None]
+        if not drifts:
+            continue
+        cells = []
+        for field in ("ratio", "middle_cosine", "edges_cosine", "middle_norm_growth",
+                      "edges_norm_growth"):
+            values = np.array([getattr(d, field) for d in drifts])
+            cells.append(f"{values.mean():.2f} [{values.min():.2f}, {values.max():.2f}]")
+        lines.append(f"| {arm} | {len(drifts)} | " + " | ".join(cells) + " |")
+    if not lines:
+        return ""
+    return "\n".join([
+        "**Anchor drift** (the authors' measure): from the global model of round 2 to the "
+        "last round, the middle layers' L2 distance over their round-2 norm against the "
+        "first and last layers' (drift ratio), the cosines to round 2, and the weight-norm "
+        "growth since (mean [min, max] over seeds):", "",
+        "| arm | seeds | drift ratio | middle cosine | first/last cosine | middle norm "
+        "growth | first/last norm growth |", "|---|---|---|---|---|---|---|", *lines])
+
+
+def _stat(values: List[float]) -> str:
+    values = [v for v in values if v is not None and np.isfinite(v)]
+    if not values:
+        return ""
+    return f"{np.mean(values):.2f} [{np.min(values):.2f}, {np.max(values):.2f}] (n={len(values)})"
+
+
+def across(paths: List[Path]) -> str:
+    """One table over setups: FedAvg's inertia by the relative-update ratio (after the
+    warm-up, and over the first fifth of the rounds) and by the anchor drift (cosine
+    based; L2 where stored), against each LIPS arm's paired gain in points."""
+    lines = ["| setup | FedAvg ratio | first fifth | cosine drift ratio | L2 drift ratio "
+             "| arm | seeds | Δ after [95% CI] | Δ before [95% CI] |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for path in paths:
+        result = json.loads(path.read_text())
+        name, runs = result["config"]["name"], result["runs"]
+        fedavg = runs.get("FedAvg", [])
+        if not fedavg:
+            continue
+        tracker = path.with_name(f"{name}_FedAvg_inertia.json")
+        seed0 = json.loads(tracker.read_text()) if tracker.exists() else {}
+        # older runs kept their curves in the seed-0 tracker file only
+        updates = [r["relative_update"] for r in fedavg if "relative_update" in r] or \
+            [seed0["relative_update"]] * bool(seed0)
+        cosines = [r["cosine_to_anchor"] for r in fedavg if "cosine_to_anchor" in r] or \
+            [seed0["cosine_to_anchor"]] * bool(seed0)
+        ratio = _stat([group_means(u)["ratio"] for u in updates])
+        first = _stat([ratio_by_window(u)[0].ratio for u in updates])
+        cosine = _stat([cosine_drift_ratio(c) for c in cosines])
+        drifts = [d.ratio for d in (drift_of(r) for r in fedavg) if d is not None]
+        l2 = _stat(drifts)
+        for arm in (a for a in runs if a.startswith("LIPS") and "server" not in a
+                    and "random" not in a and "magnitude" not in a):
+            after = paired(runs[arm], fedavg, "after_last")
+            before = paired(runs[arm], fedavg, "before_last")
+            if after is None:
+                continue
+            lines.append(f"| {name} | {ratio} | {first} | {cosine} | {l2} | {arm} | "
+                         f"{after['n_pairs']} | {_ci(after)} | {_ci(before)} |")
+    return "\n".join(lines)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("results", type=Path)
+    parser.add_argument("results", type=Path, nargs="+")
+    parser.add_argument("--across", action="store_true",
+                        help="one table over every given setup: inertia against the gain")
     args = parser.parse_args(argv)
-    print(markdown(json.loads(args.results.read_text())))
+    if args.across:
+        print(across(args.results))
+        return 0
+    for path in args.results:
+        result = json.loads(path.read_text())
+        print(markdown(result))
+        drift = drift_table(result)
+        if drift:
+            print("\n" + drift)
     return 0
 
 

@@ -196,6 +196,22 @@ def test_report_tables_include_the_ratio_over_time(tmp_path):
     assert over_time[2] == ("| arm | rounds 0-1 | rounds 2-2 | rounds 3-3 | rounds 4-4 "
                             "| rounds 5-5 |")
     assert over_time[4].startswith("| FedAvg | ") and over_time[5].startswith("| LIPS | ")
+    # the anchor drift per arm, checked against a computation from the stored arrays
+    stored = json.loads((tmp_path / "tiny.json").read_text())
+    run = stored["runs"]["FedAvg"][0]
+    import numpy as np
+
+    distance, norm = np.array(run["distance_to_anchor"]), np.array(run["weight_norm"])
+    moved = distance[:, -1] / norm[:, 2]
+    expected = moved[1:-1].mean() / ((moved[0] + moved[-1]) / 2)
+    drift = report.drift_table(stored).splitlines()
+    assert drift[4].startswith(f"| FedAvg | 1 | {expected:.2f} [{expected:.2f}, ")
+    assert drift[5].startswith("| LIPS | 1 | ")
+    table = report.across([tmp_path / "tiny.json"]).splitlines()
+    assert len(table) == 3 and table[2].startswith("| tiny | ")
+    cells = [c.strip() for c in table[2].split("|")[1:-1]]
+    assert cells[4].startswith(f"{expected:.2f} [") and cells[5:7] == ["LIPS", "1"]
+    assert report.main([str(tmp_path / "tiny.json")]) == 0
 
 
 def test_paper_resnet8_setup_is_the_many_clients_protocol_with_the_papers_model():
