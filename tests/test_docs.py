@@ -290,3 +290,13 @@ def test_site_embeds_figures_and_requests_no_web_fonts(site):
             assert (site / page / src).resolve().is_file(), f"{page}: missing image {src}"
     for page in site.rglob("*.html"):
         assert "fonts.googleapis" not in page.read_text(encoding="utf-8"), page
+
+
+def test_docs_figures_match_the_benchmark_results():
+    """docs/img holds copies of benchmark figures (the site cannot reach outside docs/);
+    a figure regenerated in benchmarks/results must be copied again, not left stale."""
+    stale = [p.name for p in sorted((DOCS / "img").glob("*.png"))
+             if (REPO / "benchmarks" / "results" / p.name).is_file()
+             and (REPO / "benchmarks" / "results" / p.name).read_bytes() != p.read_bytes()]
+    assert not stale, ("docs/img is older than benchmarks/results for "
+                       f"{stale}: cp benchmarks/results/<name> docs/img/")
