@@ -98,3 +98,36 @@ def test_minilm_benchmark_quick(tmp_path):
         assert 0.0 <= runs["0"]["global_final"] <= 1.0
     assert "| LIPS-pretrained | 1 |" in done.stdout
     assert (tmp_path / "minilm_accuracy.png").exists()
+
+
+def test_inertia_demo_runs(tmp_path):
+    """`make demo` at tiny size: both arms run from the same start, LIPS masks the model
+    of round 1, the paper's ResNet-8 lags in the middle, the figure is written."""
+    pytest.importorskip("tqdm")
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "demo.png"
+    out = run_example("inertia_demo.py", "--clients", "4", "--rounds", "3",
+                      "--test-per-client", "40", "--out", str(png))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    ratios = dict(re.findall(r"^  (FedAvg\+LIPS|FedAvg) +inertia ratio over rounds 0-2: "
+                             r"(\d+\.\d+)$", out, re.MULTILINE))
+    assert set(ratios) == {"FedAvg", "FedAvg+LIPS"}
+    assert float(ratios["FedAvg"]) < 0.75  # the middle layers lag (diagnose's threshold)
+    rows = re.findall(r"^ +(\d) \| +(\d\.\d+)(\*?) +(\d\.\d+) \| +(\d\.\d+)(\*?) +(\d\.\d+)$",
+                      out, re.MULTILINE)
+    assert [int(r[0]) for r in rows] == [0, 1, 2]
+    # round 0 is the same in both arms (same model, data and batches; no mask yet);
+    # the model averaged after round 0 is masked by LIPS's clients, and only that one
+    assert rows[0][3] == rows[0][6]
+    assert [r[5] for r in rows] == ["*", "", ""] and [r[2] for r in rows] == ["", "", ""]
+    assert all(0.0 <= float(v) <= 1.0 for r in rows for v in (r[1], r[3], r[4], r[6]))
+    assert "started rounds [1] from a masked model" in out
+    assert "One seed is an anecdote" in out and "docs/results.md" in out
+
+
+def test_inertia_demo_rejects_bad_resolution():
+    done = subprocess.run([sys.executable, str(EXAMPLES / "inertia_demo.py"),
+                           "--resolution", "64"], capture_output=True, text=True,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=120)
+    assert done.returncode == 2
+    assert "--resolution must be at most 32 (the generated size), got 64" in done.stderr
