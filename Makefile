@@ -39,7 +39,7 @@ $(FEDML_STAMP): $(FEDML_BIN)/python pyproject.toml
 	touch $(FEDML_STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python examples/digits_cnn.py --out digits_lips.png
+	$(BIN)/python examples/inertia_demo.py --out inertia_demo.png
 
 test: lint docs pytest pytest-fedml wheel-check
 

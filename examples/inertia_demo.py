@@ -190,7 +190,7 @@ def print_inertia(results: Dict[str, dict], roles: List[str], rounds: int) -> No
     windows = min(5, rounds)
     spans = {arm: inertia_ratio_by_window(r["relative_update"], roles, windows)
              for arm, r in results.items()}
-    print(f"\n{'rounds':>8} " + " ".join(f"| {arm:^26}" for arm in results))
+    print(f"\n{'rounds':>8} " + " ".join(f"| {arm:^25}" for arm in results))
     print(f"{'':>8} " + " ".join(f"| {'middle':>8} {'edges':>8} {'ratio':>7}"
                                  for _ in results))
     for i, span in enumerate(spans[ARMS[0]]):
@@ -200,7 +200,9 @@ def print_inertia(results: Dict[str, dict], roles: List[str], rounds: int) -> No
                                  warmup=0)
             cells.append(f"| {part.middle:>8.4f} {part.edges:>8.4f} "
                          f"{spans[arm][i].ratio:>7.2f}")
-        print(f"{f'{span.start}-{span.stop - 1}':>8} " + " ".join(cells))
+        label = f"{span.start}-{span.stop - 1}" if span.stop - 1 > span.start else \
+            str(span.start)
+        print(f"{label:>8} " + " ".join(cells))
     warmup = default_warmup(rounds)  # the first rounds move every layer a lot
     for arm, r in results.items():
         whole = inertia_ratio(r["relative_update"], roles, warmup)
@@ -261,6 +263,8 @@ def plot(results: Dict[str, dict], path: Path, setup: Setup) -> None:
                           norm=norm)
         ax.set_yticks(range(len(layers)))
         ax.set_yticklabels(layers if ax is axes[0] else [], fontsize=7)
+        for edge in (0.5, len(layers) - 1.5):  # the middle layers between stem and head
+            ax.axhline(edge, color="white", lw=1)
         for rnd in r["masked_rounds"]:
             ax.plot(rnd, -0.5, "v", color="red", ms=6, clip_on=False)
         ax.set_xlabel("round" + (" (red: clients start from a masked model)"

@@ -131,3 +131,17 @@ def test_inertia_demo_rejects_bad_resolution():
                           env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=120)
     assert done.returncode == 2
     assert "--resolution must be at most 32 (the generated size), got 64" in done.stderr
+
+
+def test_digits_example_runs(tmp_path):
+    """The hand-written loop (no longer `make demo`, still an example) at tiny size."""
+    pytest.importorskip("sklearn")
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "digits.png"
+    out = run_example("digits_cnn.py", "--clients", "4", "--rounds", "2", "--out", str(png))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = re.findall(r"^(FedAvg\+LIPS|FedAvg) +mean over the last 1 rounds: global "
+                      r"(\d\.\d+), local (\d\.\d+)$", out, re.MULTILINE)
+    assert [r[0] for r in rows] == ["FedAvg", "FedAvg+LIPS"]
+    assert all(0.0 <= float(v) <= 1.0 for r in rows for v in r[1:])
+    assert re.search(r"^ +1 \|.*\*mask$", out, re.MULTILINE)  # LIPS masked round 1
