@@ -67,6 +67,12 @@ ARG_SETTINGS: Dict[str, str] = {
 [`lips_config_from_args`][lips_config_from_args], and the [`LIPSConfig`][lips_wrap.LIPSConfig] field
 each sets."""
 
+_TRAINER_FIX = (
+    "in train(), step the optimizer that self.lips_optimizer(optimizer, args) returns "
+    "(optimizer = self.lips_optimizer(optimizer, args)), not the one passed to it"
+)
+"""The fix the warning names when a client's training bypassed LIPS's optimizer."""
+
 Dataset = List[Any]
 """FedML's 8-item dataset list (see [`fedml_dataset`][fedml_dataset])."""
 
@@ -137,6 +143,10 @@ class LIPSTrainerMixin:
         ``self.id`` (FedML's ``set_id``): each client has its own stored gradients. A
         fresh optimizer per round is FedML's idiom; passing the same optimizer every
         round works too (its state is masked with the weights).
+
+        The call also checks the previous client's training: if it stepped another
+        optimizer than the returned one, no gradient was kept, and LIPS warns (or
+        raises, with ``LIPSConfig(unwrapped_training="error")``) naming the fix.
         """
         round_index = lips_round(args)
         client = getattr(self, "id", 0)
@@ -147,7 +157,7 @@ class LIPSTrainerMixin:
             if previous is not None:
                 previous.save()
             self.lips = LIPS(self.model, optimizer, self.lips_config)  # type: ignore[attr-defined]
-            self._lips_clients = ClientStates(self.lips, carry=previous)
+            self._lips_clients = ClientStates(self.lips, carry=previous, fix=_TRAINER_FIX)
         assert self._lips_clients is not None
         self._lips_clients.activate(client)
         self.lips_report = self.lips.on_global_model(round_index)

@@ -136,6 +136,15 @@ class LIPSRecordingTrainer(LIPSTrainerMixin, RecordingTrainer):
         self.reports = {}
 
 
+class LIPSRawOptimizerTrainer(LIPSRecordingTrainer):
+    """The mistake: train() wraps its optimizer with lips_optimizer, then steps the
+    original one."""
+
+    def prepare(self, optimizer, args):
+        super().prepare(optimizer, args)
+        return optimizer
+
+
 class RecordingAggregator(ServerAggregator):
     """A plain FedML aggregator that records each aggregate before any LIPS step."""
 

@@ -12,6 +12,7 @@ import os
 import socket
 import subprocess
 import sys
+import warnings
 from collections import OrderedDict
 from pathlib import Path
 from typing import Dict, List, Tuple
@@ -27,6 +28,7 @@ from fedml_nodes import (  # noqa: E402  (beside this file)
     CLIENTS,
     PERIOD,
     START,
+    LIPSRawOptimizerTrainer,
     LIPSRecordingAggregator,
     LIPSRecordingTrainer,
     RecordingAggregator,
@@ -280,3 +282,31 @@ def test_optimizer_kept_across_rounds_has_its_state_masked_with_the_weights():
                 assert torch.equal(momentum == 0, weight == 0) and (weight == 0).any(), name
         local_train(model, wrapped, inputs, targets, 1, 10, torch.Generator().manual_seed(rnd))
     assert lips_objects[0] is lips_objects[1]
+
+
+def test_training_that_bypasses_the_lips_optimizer_is_said():
+    """Issue 20: train() wraps its optimizer but steps the original. Each client's
+    round is checked when the trainer next calls lips_optimizer: a warning naming the
+    client and the fix, or an error in the "error" mode."""
+    args, model = make_args(comm_round=3), mlp()
+    trainer = LIPSRawOptimizerTrainer(model, args)
+    simulation = FedAvgSimulation(args, "cpu", synthetic_dataset(), model, trainer,
+                                  RecordingAggregator(model, args))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        simulation.run()
+    said = [str(w.message) for w in caught
+            if "self.lips_optimizer(optimizer, args) returns" in str(w.message)]
+    assert len(said) == CLIENTS * 3 - 1  # every client round but the very last
+    assert all("went to the wrapped optimizer directly" in text for text in said)
+    assert {text.split(":")[0] for text in said} == {
+        f"the round of client {c!r}" for c in range(CLIENTS)}
+    assert all(r.fallback for r in trainer.reports.values() if r.masked)
+
+    args, model = make_args(comm_round=3), mlp()
+    config = LIPSConfig(total_rounds=3, unwrapped_training="error")
+    trainer = LIPSRawOptimizerTrainer(model, args, lips_config=config)
+    simulation = FedAvgSimulation(args, "cpu", synthetic_dataset(), model, trainer,
+                                  RecordingAggregator(model, args))
+    with pytest.raises(RuntimeError, match=r"the round of client 0: .*self\.lips_optimizer"):
+        simulation.run()
