@@ -51,8 +51,8 @@ _SITES: Dict[Tuple[str, str], LIPS] = {}
 
 def state_path(site: str, state_dir: Union[str, os.PathLike, None] = None) -> Path:
     """Where [`lips_train`][lips_train] keeps ``site``'s LIPS state between task processes:
-    ``lips_state_<site>.pt`` in ``state_dir`` (default: the working directory, which
-    NVFlare sets to the site's directory of the job)."""
+    ``lips_state_<site>.pt`` in ``state_dir`` (default: the working directory; in
+    NVFlare's simulator, the site's directory of the job)."""
     return Path(os.getcwd() if state_dir is None else state_dir) / f"lips_state_{site}.pt"
 
 
@@ -132,7 +132,7 @@ def _site_lips(
         _SITES[key] = previous
         return previous, True
     state = previous.state_dict() if previous is not None else _saved_state(key, path)
-    del previous  # a LIPS still alive around the same optimizer could not be replaced
+    del previous  # the optimizer takes a new LIPS only once the old one is gone
     lips = LIPS(model, optimizer, config)
     if state is not None:
         lips.load_state_dict(state)

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional
 
+import numpy as np
 import pytest
 import torch
 
@@ -304,6 +305,44 @@ def test_server_controller_checks_its_config():
                        lips_config=LIPSConfig(total_rounds=5))
     with pytest.raises(TypeError, match="lips_model must be a torch.nn.Module"):
         nvf.LIPSFedAvg(num_rounds=4, lips_model={}, lips_config=LIPSConfig(total_rounds=4))
+
+
+@pytest.mark.parametrize("params_type", ["FULL", "DIFF"])
+def test_server_controller_masks_the_global_model(params_type):
+    """update_model, called as FedAvg's run() calls it: the model for rounds 1 and 2 is
+    the aggregate with each masked tensor's top-k by |dW * W| kept (dW against the model
+    sent the round before, masked or not), the rest as aggregated; nothing after the
+    last round. With DIFF updates the sites' changes add to the masked model."""
+    from nvflare.apis.fl_context import FLContext
+    from nvflare.app_common.abstract.fl_model import ParamsType
+
+    controller = nvf.LIPSFedAvg(num_clients=2, num_rounds=3, lips_model=Net(),
+                                lips_config=LIPSConfig(total_rounds=3, period=1))
+    controller.fl_ctx = FLContext()
+    controller.event = lambda *args, **kwargs: None  # no engine to tell
+    torch.manual_seed(0)
+    sent = {k: v.numpy().copy() for k, v in Net().state_dict().items()}
+    model = FLModel(params_type=ParamsType.FULL, params=dict(sent))
+    generator = torch.Generator().manual_seed(1)
+    for rnd in range(3):
+        change = {k: 0.05 * torch.randn(v.shape, generator=generator).numpy()
+                  for k, v in sent.items()}
+        aggregate = {k: sent[k] + change[k] for k in sent}
+        update = change if params_type == "DIFF" else aggregate
+        controller.current_round = rnd
+        model = controller.update_model(model, FLModel(
+            params_type=getattr(ParamsType, params_type), params=dict(update), meta={}))
+        density = density_at(rnd + 1, LIPSConfig(total_rounds=3, period=1)) if rnd < 2 else None
+        for name, value in model.params.items():
+            assert isinstance(value, type(aggregate[name]))
+            result, expected = torch.as_tensor(value), torch.as_tensor(aggregate[name])
+            if density is None or name not in MASKED:
+                assert torch.equal(result, expected), (rnd, name)
+            else:
+                assert_top_k(result, expected, expected - torch.as_tensor(sent[name]),
+                             density, f"model for round {rnd + 1}, {name}")
+        sent = {k: np.copy(v) for k, v in model.params.items()}
+    assert sorted(controller.lips_reports) == [1, 2]
 
 
 # ---------------------------------------------------------------- simulations
