@@ -28,7 +28,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -252,9 +252,9 @@ def run_one(setup: dict, arm: str, seed: int, progress: Optional[tqdm] = None,
         lips, seed=seed, callbacks=callbacks, server_side=side == "server",
     )
     if tracker_out is not None:
-        tracker.to_json(tracker_out.with_suffix(".json"))
-        tracker.plot(tracker_out.with_suffix(".png"),
-                         title=f"{setup['name']}: {arm} (seed {seed}), global model")
+        tracker.to_json(tracker_out.with_name(tracker_out.name + ".json"))
+        tracker.plot(tracker_out.with_name(tracker_out.name + ".png"),
+                     title=f"{setup['name']}: {arm} (seed {seed}), global model")
     before = [r.before for r in history]
     after = [r.after for r in history]
     extra = {}
@@ -390,7 +390,7 @@ def _diff_cell(d: Optional[dict]) -> str:
 def table(name: str, summary: dict) -> str:
     lines = [f"\n{name}  (personalized accuracy, mean over the last {LAST} rounds; "
              "diff = paired vs FedAvg, 95% CI; inertia ratio under the arm, mean [min, max])",
-             f"{'arm':<15} {'n':>2}  {'after aggregation':>18}  {'diff [95% CI]':>26}  "
+             f"{'arm':<19} {'n':>2}  {'after aggregation':>18}  {'diff [95% CI]':>26}  "
              f"{'before aggregation':>18}  {'diff [95% CI]':>26}  {'inertia ratio':>22}"]
     for arm, entry in summary.items():
         cells = []
@@ -401,7 +401,7 @@ def table(name: str, summary: dict) -> str:
         ratio = entry.get("inertia_ratio")
         cells.append(f"{ratio['mean']:.3f} [{ratio['min']:.3f}, {ratio['max']:.3f}]"
                      if ratio else "")
-        lines.append(f"{arm:<15} {entry['n']:>2}  {cells[0]:>18}  {cells[1]:>26}  "
+        lines.append(f"{arm:<19} {entry['n']:>2}  {cells[0]:>18}  {cells[1]:>26}  "
                      f"{cells[2]:>18}  {cells[3]:>26}  {cells[4]:>22}")
     for contrast, reference in CONTRASTS:
         if contrast in summary and f"diff_vs_{reference}" in summary[contrast]["after_last"]:
@@ -501,7 +501,7 @@ def _job(job: tuple) -> tuple:
     name, setup, arm, seed, out, threads = job
     torch.set_num_threads(threads)
     out = Path(out)
-    tracker = (out / f"{name}_{arm.replace(' ', '_')}_inertia"
+    tracker = (tracker_file(out, name, arm, "")
                if seed == 0 and arm in arms_of(setup)[0] else None)
     run = run_one(setup, arm, seed, None, tracker)
     path = run_file(out, name, arm, seed)
@@ -571,13 +571,19 @@ def run_all(setups: Dict[str, dict], out: Path, resume: bool = False, workers: i
     print(f"\nresults in {out}")
 
 
-def inertia_summary(out: Path, name: str, last: int = 10) -> Dict[str, Dict[str, float]]:
+def tracker_file(out: Path, name: str, arm: str, suffix: str = ".json") -> Path:
+    """Where the seed-0 run of a main arm keeps its tracker (``suffix`` "" for the stem)."""
+    return out / f"{name}_{arm.replace(' ', '_')}_inertia{suffix}"
+
+
+def inertia_summary(out: Path, name: str, arms: Sequence[str],
+                    last: int = 10) -> Dict[str, Dict[str, float]]:
     """Mean relative update over the last ``last`` rounds of the first layer, the
     middle layers and the last layer of the global model, per arm with a seed-0
     tracker file."""
     summary = {}
-    for arm in ("FedAvg", "LIPS", "LIPS server"):
-        path = out / f"{name}_{arm.replace(' ', '_')}_inertia.json"
+    for arm in arms:
+        path = tracker_file(out, name, arm)
         if path.exists():
             updates = InertiaTracker.from_json(path).relative_update[:, -last:]
             summary[arm] = {"first": float(updates[0].mean()),
@@ -586,7 +592,8 @@ def inertia_summary(out: Path, name: str, last: int = 10) -> Dict[str, Dict[str,
     return summary
 
 
-def plot_inertia_comparison(out: Path, name: str, runs: Dict[str, List[dict]]) -> None:
+def plot_inertia_comparison(out: Path, name: str, runs: Dict[str, List[dict]],
+                            arms: Sequence[str]) -> None:
     """Mean relative update of the middle layers per arm (mean over seeds when the runs
     hold their curves, else the seed-0 tracker), with the first and last layers dotted
     and dashed."""
@@ -597,14 +604,14 @@ def plot_inertia_comparison(out: Path, name: str, runs: Dict[str, List[dict]]) -
 
     fig, ax = plt.subplots(figsize=(7, 3.8))
     seeds_note = "seed 0"
-    for arm in ("FedAvg", "LIPS", "LIPS server"):
+    for arm in arms:
         curves = [np.array(r["relative_update"]) for r in runs.get(arm, [])
                   if "relative_update" in r]
         if curves:
             updates = np.mean(curves, axis=0)
             seeds_note = "mean over seeds"
         else:
-            path = out / f"{name}_{arm.replace(' ', '_')}_inertia.json"
+            path = tracker_file(out, name, arm)
             if not path.exists():
                 continue
             updates = InertiaTracker.from_json(path).relative_update
@@ -672,16 +679,17 @@ def replot(out: Path) -> None:
             result = load_finished({name: result["config"]}, out)[name]
             write_merged(out, name, result)
         plot_curves(name, result["runs"], out / f"{name}_accuracy.png")
-        for arm in ("FedAvg", "LIPS", "LIPS server"):
-            inertia = out / f"{name}_{arm.replace(' ', '_')}_inertia.json"
+        main_arms = arms_of(result["config"])[0]
+        for arm in main_arms:
+            inertia = tracker_file(out, name, arm)
             if inertia.exists():
                 InertiaTracker.from_json(inertia).plot(
-                    inertia.with_suffix(".png"),
+                    tracker_file(out, name, arm, ".png"),
                     title=f"{name}: {arm} (seed 0), global model")
-        plot_inertia_comparison(out, name, result["runs"])
+        plot_inertia_comparison(out, name, result["runs"], main_arms)
         plot_ratio_vs_gain(out, name, result["runs"])
         print(table(name, summarise(result["runs"])))
-        for arm, groups in inertia_summary(out, name).items():
+        for arm, groups in inertia_summary(out, name, main_arms).items():
             print(f"  inertia, {arm:<11} seed 0, mean relative update over the last 10 "
                   "rounds: " + ", ".join(f"{k} {v:.4f}" for k, v in groups.items()))
 
