@@ -131,8 +131,10 @@ PAPER = tuple(paper.SETUPS)
 RUNTIME_KEYS = ("data_dir", "device")
 """Where a run reads its data and runs: recorded, but not part of what makes two runs
 the same setup."""
+# grad_dtype: the stored gradients' dtype, float16 as the reference keeps them (and as
+# every committed run was made, before the package's default became bfloat16)
 COMMON = {"alpha": 0.1, "samples_per_client": 100, "epochs": 5, "batch_size": 100,
-          "lr": 0.1, "momentum": 0.9, "period": 5, "data_seed": 0}
+          "lr": 0.1, "momentum": 0.9, "period": 5, "data_seed": 0, "grad_dtype": "float16"}
 
 
 def load_task(setup: dict, seed: int):
@@ -217,7 +219,7 @@ def run_one(setup: dict, arm: str, seed: int, progress: Optional[tqdm] = None,
         options = dict(ARMS[arm])
         side = options.pop("side", "client")
         lips = LIPSConfig(total_rounds=setup["rounds"], period=setup["period"], seed=seed,
-                          **options)
+                          grad_dtype=setup["grad_dtype"], **options)
     torch.manual_seed(seed)  # the same initial weights as simulate() builds
     tracker = InertiaTracker(factory(), all_layers=True)
     callbacks = [lambda rnd, model, history: tracker.update(model)]
