@@ -1,7 +1,7 @@
 """Layer-wise inertia, and what LIPS does to it: FedAvg against FedAvg+LIPS with the
 paper's ResNet-8 on generated images, many clients with little data each.
 
-    python examples/inertia_demo.py                  # about 3 minutes on 2 free CPU cores
+    python examples/inertia_demo.py                  # 2-3 minutes on 2 free CPU cores
     python examples/inertia_demo.py --clients 4 --rounds 3 --out tiny.png   # seconds
 
 Both arms start from the same model and data split and run side by side, each in its own
@@ -18,9 +18,11 @@ import argparse
 import multiprocessing
 import queue
 import sys
+import textwrap
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
+from multiprocessing.queues import Queue
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -98,16 +100,17 @@ def build_model() -> torch.nn.Module:
 
 
 def lips_config(setup: Setup) -> LIPSConfig:
-    """The paper's LIPS settings for ResNet-8."""
+    """LIPS with the paper's period and start density for ResNet-8 (the library's
+    other defaults)."""
     return LIPSConfig(total_rounds=setup.rounds, period=PERIOD, start_density=START_DENSITY,
                       seed=setup.seed)
 
 
-_progress: Optional["multiprocessing.Queue"] = None
+_progress: Optional[Queue] = None
 """In a worker process: where it reports each finished round."""
 
 
-def _init_worker(progress: "multiprocessing.Queue") -> None:
+def _init_worker(progress: Queue) -> None:
     global _progress
     _progress = progress
     torch.set_num_threads(1)
@@ -213,9 +216,11 @@ def print_inertia(results: Dict[str, dict], roles: List[str], rounds: int) -> No
         ratios = ", ".join(
             f"{arm} {inertia_ratio(r['relative_update'][:, kept], roles, warmup=0).ratio:.2f}"
             for arm, r in results.items())
-        print(f"  LIPS's clients started rounds {masked} from a masked model: those rounds' "
-              "update includes the regrowth\n  of the zeroed weights. Over the same rounds "
-              f"without them ({len(kept)} rounds): {ratios}.")
+        print(textwrap.fill(
+            f"LIPS's clients started rounds {', '.join(map(str, masked))} from a masked "
+            "model: those rounds' update includes the regrowth of the zeroed weights. Over "
+            f"rounds {warmup}-{rounds - 1} without them ({len(kept)} rounds): {ratios}.",
+            width=96, initial_indent="  ", subsequent_indent="  "))
 
 
 def print_accuracy(results: Dict[str, dict], rounds: int) -> None:
@@ -330,9 +335,9 @@ def main(argv: Optional[List[str]] = None) -> None:
           f"{setup.resolution}x{setup.resolution} images,\nDirichlet({setup.alpha}) labels, "
           f"{setup.rounds} rounds of {setup.epochs} local epochs, batch {setup.batch_size}, "
           f"SGD lr {setup.lr} momentum {setup.momentum} (fresh each round).")
-    print(f"LIPS: the paper's settings for ResNet-8, period {PERIOD}, start density "
-          f"{START_DENSITY}: clients mask the conv weights\nbetween stem and classifier "
-          f"of the model they receive at rounds 1, {1 + PERIOD}, {1 + 2 * PERIOD}, ...")
+    print(f"LIPS: the paper's period {PERIOD} and start density {START_DENSITY} for ResNet-8: "
+          "clients mask the conv\nweights between stem and classifier of the model they "
+          f"receive at rounds 1, {1 + PERIOD}, {1 + 2 * PERIOD}, ...")
     start = time.perf_counter()
     results = run_both(setup)
     roles = layer_roles(results[ARMS[0]]["layers"])

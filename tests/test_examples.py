@@ -121,7 +121,7 @@ def test_inertia_demo_runs(tmp_path):
     assert rows[0][3] == rows[0][6]
     assert [r[5] for r in rows] == ["*", "", ""] and [r[2] for r in rows] == ["", "", ""]
     assert all(0.0 <= float(v) <= 1.0 for r in rows for v in (r[1], r[3], r[4], r[6]))
-    assert "started rounds [1] from a masked model" in out
+    assert "started rounds 1 from a masked model" in out
     assert "One seed is an anecdote" in out and "docs/results.md" in out
 
 
