@@ -94,13 +94,13 @@ print("torch", torch.__version__, "CUDA", torch.version.cuda, "cuDNN",
       torch.backends.cudnn.version())
 for i in range(torch.cuda.device_count()):
     print(f"cuda:{i}", torch.cuda.get_device_properties(i))'
-step pytest-cuda 150 "$python" -P -m pytest -q -rs -m cuda -p no:cacheprovider \
+step pytest-cuda 120 "$python" -P -m pytest -q -rs -m cuda -p no:cacheprovider \
   --continue-on-collection-errors --junitxml="$out/pytest-cuda.xml" tests
 step mask_speed 80 "$python" benchmarks/mask_speed.py "${bench[@]}"
 step step_overhead 75 "$python" benchmarks/step_overhead.py "${bench[@]}"
-step memory 45 "$python" benchmarks/memory.py "${bench[@]}"
+step memory 60 "$python" benchmarks/memory.py "${bench[@]}"
 for setup in paper-cifar100-resnet8 paper-cifar10-vgg11; do
-  step "slice-$setup" 120 "$python" benchmarks/reproduce.py --paper-slice "$setup" \
+  step "slice-$setup" 110 "$python" benchmarks/reproduce.py --paper-slice "$setup" \
     "${slice[@]}" --out "$out/paper-slice"
 done
 
