@@ -43,8 +43,7 @@ The ratio (:func:`inertia_ratio`) is the middle layers' mean relative update ove
 mean of the first and last layers'. Calibrated on the committed FedAvg runs of
 ``benchmarks/reproduce.py``: ``shapes-resnet8`` (5 clients, 25 rounds), where the middle
 layers fall behind the head, gives 0.71; ``shapes-resnet8-many`` (20 clients, 100 rounds)
-gives 1.05-1.39 over 10 seeds, ``shapes-resnet8-wide`` (the same at the reference
-widths) 0.95-1.14 over 4 seeds and ``digits-vgg`` 1.11, no stall. The threshold sits
+gives 1.05-1.39 over 10 seeds, ``shapes-resnet8-wide`` (the same at 16/32/64) 0.95-1.14 over 4 seeds and ``digits-vgg`` 1.11, no stall. The threshold sits
 between the two groups. Over their first 20 rounds alone the 100-round runs fall below
 it or close to it (0.54-0.92, see :func:`inertia_ratio_by_window`): a lag early in a
 run, gone later. The threshold describes a run; it does not predict a gain (see the
