@@ -139,7 +139,8 @@ def test_ratio_over_time_shows_a_lag_that_the_run_average_hides(tmp_path, capsys
     code, out, _ = run(capsys, "diagnose", str(tmp_path / "ckpt"), "--windows", "2")
     assert code == 0  # over the run (after the warm-up) they keep moving
     lines = out.splitlines()
-    over_time = lines[-2]
+    over_time, drift = lines[-3], lines[-2]  # then the anchor drift, then the verdict
+    assert drift.startswith("anchor drift (since the global model of round 3, to round 10)")
     assert over_time.startswith("ratio over time (no warm-up): rounds 1..5 ")
     assert " | rounds 6..10 " in over_time
     assert "below the threshold in rounds 1..5: the middle layers lagged there only" \

@@ -118,7 +118,7 @@ def test_csv_round_trip(tmp_path):
     tracker = recorded(all_layers=True)
     tracker.to_csv(tmp_path / "inertia.csv")
     lines = (tmp_path / "inertia.csv").read_text().splitlines()
-    assert lines[0] == "layer,round,relative_update,cosine_to_anchor"
+    assert lines[0] == "layer,round,relative_update,cosine_to_anchor,distance_to_anchor,weight_norm"
     assert len(lines) == 1 + 3 * 5
     loaded = InertiaTracker.from_csv(tmp_path / "inertia.csv", anchor_round=2)
     assert loaded.layers == tracker.layers
