@@ -1,11 +1,11 @@
 """Inertia in an existing federated run, measured from the global checkpoints it saved.
 
-:func:`diagnose` reads one checkpoint per round (``torch.save`` state dicts, safetensors
+[`diagnose`][diagnose] reads one checkpoint per round (``torch.save`` state dicts, safetensors
 files or ``.npz`` archives), orders them by the round number in their file names,
 records each tracked layer's relative update between consecutive checkpoints with an
-:class:`~lips_wrap.diagnostics.InertiaTracker`, and compares the middle layers with the
-first and last layers (:func:`~lips_wrap.diagnostics.inertia_ratio`). It is what
-``lips-wrap diagnose`` runs. Every problem with the input is a :class:`CheckpointError`
+[`InertiaTracker`][lips_wrap.diagnostics.InertiaTracker], and compares the middle layers with the
+first and last layers ([`inertia_ratio`][lips_wrap.diagnostics.inertia_ratio]). It is what
+``lips-wrap diagnose`` runs. Every problem with the input is a [`CheckpointError`][CheckpointError]
 whose message names the file.
 """
 
@@ -103,10 +103,10 @@ def _suffix(path: Path) -> str:
 def find_checkpoints(paths: Sequence[Union[str, Path]]) -> List[Checkpoint]:
     """Checkpoints named by ``paths`` (files, folders or glob patterns), ordered by round.
 
-    A folder contributes its files ending in :data:`CHECKPOINT_SUFFIXES` (not its
-    subfolders). Raises :class:`CheckpointError` for a path that matches nothing, a file
+    A folder contributes its files ending in ``CHECKPOINT_SUFFIXES`` (not its
+    subfolders). Raises [`CheckpointError`][CheckpointError] for a path that matches nothing, a file
     of another type, a name without a round number, two files of the same round, and
-    fewer than :data:`MIN_ROUNDS` checkpoints.
+    fewer than ``MIN_ROUNDS`` checkpoints.
     """
     if isinstance(paths, (str, Path)):
         paths = [paths]
@@ -156,7 +156,7 @@ def find_checkpoints(paths: Sequence[Union[str, Path]]) -> List[Checkpoint]:
 
 
 def _tensors_of(obj: Any, path: Path) -> Dict[str, torch.Tensor]:
-    """The name -> tensor mapping held by a loaded object (see :data:`NESTED_KEYS`)."""
+    """The name -> tensor mapping held by a loaded object (see ``NESTED_KEYS``)."""
     if isinstance(obj, (list, tuple)) and obj and all(isinstance(t, torch.Tensor) for t in obj):
         return {str(i): t for i, t in enumerate(obj)}
     if not isinstance(obj, Mapping):
@@ -370,8 +370,8 @@ class Diagnosis:
 
     def to_dict(self) -> Dict[str, Any]:
         """Everything in plain JSON types (non-finite numbers as None). The keys of
-        :meth:`InertiaTracker.to_json` are included, so ``InertiaTracker.from_json``
-        reads the file back."""
+        [`InertiaTracker.to_json`][lips_wrap.InertiaTracker.to_json] are included, so
+        ``InertiaTracker.from_json`` reads the file back."""
 
         def clean(value: float) -> Optional[float]:
             return float(value) if math.isfinite(value) else None
@@ -482,7 +482,7 @@ def diagnose(
     """Measure inertia from the global checkpoints of a run.
 
     Args:
-        paths: files, folders or glob patterns (see :func:`find_checkpoints`).
+        paths: files, folders or glob patterns (see [`find_checkpoints`][find_checkpoints]).
         model: the run's model; with ``plan`` (``find_layers(model)``) the layers LIPS
             masks are the middle layers and the model's order decides first and last.
             Without them every weight matrix of the checkpoints is tracked, in the
@@ -492,7 +492,7 @@ def diagnose(
         threshold: ratio below which the middle layers count as stalled.
         progress: wraps the iteration over checkpoints (a progress bar).
         windows: spans of rounds over which the ratio is also reported (no warm-up);
-            default :data:`DEFAULT_WINDOWS`, or one per update if there are fewer.
+            default ``DEFAULT_WINDOWS``, or one per update if there are fewer.
 
     Raises:
         CheckpointError: unreadable, mismatched or too few checkpoints, changing

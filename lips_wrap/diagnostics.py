@@ -1,6 +1,7 @@
 """InertiaTracker: how much each layer of the global model moves, round after round.
 
-After every aggregation, :meth:`InertiaTracker.update` records per tracked layer
+After every aggregation, [`InertiaTracker.update`][lips_wrap.InertiaTracker.update] records per
+tracked layer
 
 * the relative update ``||W_t - W_{t-1}|| / ||W_{t-1}||`` (Frobenius norms), and
 * the cosine similarity between ``W_t`` and ``W`` at an anchor round (round 2 by
@@ -10,13 +11,13 @@ After every aggregation, :meth:`InertiaTracker.update` records per tracked layer
 * the weight norm ``||W_t||``: with BatchNorm after a convolution and no weight decay,
   a growing norm means the same gradient moves the weight relatively less.
 
-Rounds are the 0-based indices of the calls to :meth:`update`; ``W_{-1}`` is the
+Rounds are the 0-based indices of the calls to [`update`][InertiaTracker.update]; ``W_{-1}`` is the
 weight the model held when the tracker was built. Layer inertia (see the
 documentation's *Method* and *Diagnostics* pages) shows as middle layers whose relative
 update falls far below that of the first and last layers. Results are plain numpy arrays
-(layers x rounds) with CSV and JSON export; :meth:`plot` needs matplotlib (the ``plot``
-extra). :func:`inertia_ratio` and :data:`INERTIA_THRESHOLD` turn the updates into the
-verdict that ``lips-wrap diagnose`` prints.
+(layers x rounds) with CSV and JSON export; [`plot`][InertiaTracker.plot] needs matplotlib (the
+``plot`` extra). [`inertia_ratio`][inertia_ratio] and [`INERTIA_THRESHOLD`][INERTIA_THRESHOLD] turn
+the updates into the verdict that ``lips-wrap diagnose`` prints.
 """
 
 from __future__ import annotations
@@ -39,19 +40,19 @@ Weights = Union[nn.Module, Mapping[str, torch.Tensor]]
 INERTIA_THRESHOLD: float = 0.75
 """Inertia ratio below which the middle layers count as stalled.
 
-The ratio (:func:`inertia_ratio`) is the middle layers' mean relative update over the
+The ratio ([`inertia_ratio`][inertia_ratio]) is the middle layers' mean relative update over the
 mean of the first and last layers'. Calibrated on the committed FedAvg runs of
 ``benchmarks/reproduce.py``: ``shapes-resnet8`` (5 clients, 25 rounds), where the middle
 layers fall behind the head, gives 0.71; ``shapes-resnet8-many`` (20 clients, 100 rounds)
-gives 1.05-1.39 over 10 seeds, ``shapes-resnet8-wide`` (the same at 16/32/64) 0.95-1.14 over 4 seeds and ``digits-vgg`` 1.11, no stall. The threshold sits
-between the two groups. Over their first 20 rounds alone the 100-round runs fall below
-it or close to it (0.54-0.92, see :func:`inertia_ratio_by_window`): a lag early in a
-run, gone later. The threshold describes a run; it does not predict a gain (see the
-results page).
+gives 1.05-1.39 over 10 seeds, ``shapes-resnet8-wide`` (the same at 16/32/64) 0.95-1.14 over 4 seeds
+and ``digits-vgg`` 1.11, no stall. The threshold sits between the two groups. Over their first 20
+rounds alone the 100-round runs fall below it or close to it (0.54-0.92, see
+[`inertia_ratio_by_window`][inertia_ratio_by_window]): a lag early in a run, gone later. The
+threshold describes a run; it does not predict a gain (see the results page).
 """
 
 DEFAULT_WARMUP_FRACTION: float = 0.2
-"""Share of the recorded rounds (rounded down) that :func:`inertia_ratio` skips by
+"""Share of the recorded rounds (rounded down) that [`inertia_ratio`][inertia_ratio] skips by
 default: the first rounds of training move every layer a lot."""
 
 
@@ -114,11 +115,12 @@ def inertia_ratio(
     """Middle layers' mean relative update over the mean of the first and last layers'.
 
     Args:
-        updates: relative updates, layers x rounds (as :attr:`InertiaTracker.relative_update`).
+        updates: relative updates, layers x rounds (as
+        [`InertiaTracker.relative_update`][lips_wrap.InertiaTracker.relative_update]).
         roles: one of ``"first"``, ``"middle"``, ``"last"`` or ``"other"`` per layer
             (``"other"`` rows are ignored); at least one middle layer and one of first
             or last are needed.
-        warmup: rounds skipped at the start; default :func:`default_warmup`.
+        warmup: rounds skipped at the start; default ``default_warmup``.
 
     ``edges`` is the mean of the first layers' mean and the last layers' mean (or the
     one that exists). Non-finite cells (a layer that was all zeros) are left out. The
@@ -169,8 +171,8 @@ def anchor_drift(
 
     Args:
         cosines, distances, norms: layers x rounds, as
-            :attr:`InertiaTracker.cosine_to_anchor`, ``distance_to_anchor`` and
-            ``weight_norm``.
+            [`InertiaTracker.cosine_to_anchor`][lips_wrap.InertiaTracker.cosine_to_anchor],
+            ``distance_to_anchor`` and ``weight_norm``.
         roles: ``"first"``, ``"middle"``, ``"last"`` or ``"other"`` per layer.
         anchor: the anchor round's column.
         last: the column to compare with the anchor; default the last one.
@@ -245,7 +247,8 @@ def distance(a: torch.Tensor, b: Optional[torch.Tensor] = None) -> float:
 
 
 _MEASURES = ("relative_update", "cosine_to_anchor", "distance_to_anchor", "weight_norm")
-"""The per-(layer, round) measures of :class:`InertiaTracker`, in file column order."""
+"""The per-(layer, round) measures of [`InertiaTracker`][lips_wrap.InertiaTracker], in file column
+order."""
 
 
 def _layers_by_rounds(rows: List[List[float]], rounds: int) -> np.ndarray:
@@ -269,13 +272,14 @@ class InertiaTracker:
             (``find_layers(model)``).
         anchor_round: the round whose weights the cosine similarity compares with.
 
-    Example::
-
+    Example:
+        ```python
         tracker = InertiaTracker(global_model, all_layers=True)
         for rnd in range(rounds):
             ...                                  # train clients, aggregate
             tracker.update(global_model)         # or tracker.update(global_state)
         tracker.to_csv("inertia.csv"); tracker.plot("inertia.png")
+        ```
     """
 
     def __init__(self, model: nn.Module, all_layers: bool = False, anchor_round: int = 2) -> None:
@@ -427,7 +431,8 @@ class InertiaTracker:
 
     @classmethod
     def from_json(cls, path: Union[str, Path]) -> "InertiaTracker":
-        """A tracker holding the results of :meth:`to_json` (for plotting, export)."""
+        """A tracker holding the results of [`to_json`][InertiaTracker.to_json] (for plotting,
+        export)."""
         data = json.loads(Path(path).read_text())
 
         def array(rows: List[List[Optional[float]]]) -> np.ndarray:
@@ -439,7 +444,7 @@ class InertiaTracker:
 
     @classmethod
     def from_csv(cls, path: Union[str, Path], anchor_round: int = 2) -> "InertiaTracker":
-        """A tracker holding the results of :meth:`to_csv` (the CSV has no anchor
+        """A tracker holding the results of [`to_csv`][InertiaTracker.to_csv] (the CSV has no anchor
         round: pass the one it was recorded with)."""
         layers: List[str] = []
         cells: Dict[str, Dict[int, Dict[str, str]]] = {}
@@ -459,7 +464,7 @@ class InertiaTracker:
         return cls._from_arrays(layers, anchor_round, arrays)
 
     def drift(self, roles: Sequence[str]) -> AnchorDrift:
-        """:func:`anchor_drift` of the recorded rounds, from the anchor round to the
+        """``anchor_drift`` of the recorded rounds, from the anchor round to the
         last; needs at least one round after the anchor."""
         if self.rounds <= self.anchor_round + 1:
             raise ValueError(
@@ -485,7 +490,7 @@ def inertia_ratio_by_window(
 
     The rounds are cut into ``windows`` contiguous spans of near-equal length (the
     first ones one round longer when they do not divide evenly), and
-    :func:`inertia_ratio` is taken over each with no warm-up. The ratio can change a
+    [`inertia_ratio`][inertia_ratio] is taken over each with no warm-up. The ratio can change a
     lot during a run (in the benchmark's FedAvg runs it starts well below 1 and ends
     above), which one number over the whole run hides.
     """
