@@ -116,7 +116,7 @@ def inertia_ratio(
 
     Args:
         updates: relative updates, layers x rounds (as
-        [`InertiaTracker.relative_update`][lips_wrap.InertiaTracker.relative_update]).
+            [`InertiaTracker.relative_update`][lips_wrap.InertiaTracker.relative_update]).
         roles: one of ``"first"``, ``"middle"``, ``"last"`` or ``"other"`` per layer
             (``"other"`` rows are ignored); at least one middle layer and one of first
             or last are needed.
