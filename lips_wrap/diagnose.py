@@ -299,7 +299,8 @@ class Diagnosis:
             return f"verdict: cannot tell: no layer moved ({numbers})."
         if self.stalled:
             return (f"verdict: INERTIA: the middle layers stall against the first and last "
-                    f"layers; {numbers}. LIPS targets this.")
+                    f"layers; {numbers}. LIPS targets this (a description of the run: on "
+                    f"the benchmark a stall did not predict how much LIPS gains).")
         return f"verdict: no inertia: the middle layers keep moving; {numbers}."
 
     def window_rounds(self, window: WindowRatio) -> Tuple[int, int]:

@@ -40,15 +40,15 @@ Weights = Union[nn.Module, Mapping[str, torch.Tensor]]
 INERTIA_THRESHOLD: float = 0.75
 """Inertia ratio below which the middle layers count as stalled.
 
-The ratio ([`inertia_ratio`][inertia_ratio]) is the middle layers' mean relative update over the
+The ratio (:func:`inertia_ratio`) is the middle layers' mean relative update over the
 mean of the first and last layers'. Calibrated on the committed FedAvg runs of
-``benchmarks/reproduce.py``: ``shapes-resnet8`` (5 clients, 25 rounds), where the middle
-layers fall behind the head, gives 0.71; ``shapes-resnet8-many`` (20 clients, 100 rounds)
-gives 1.05-1.39 over 10 seeds, ``shapes-resnet8-wide`` (the same at 16/32/64) 0.95-1.14 over 4 seeds
-and ``digits-vgg`` 1.11, no stall. The threshold sits between the two groups. Over their first 20
-rounds alone the 100-round runs fall below it or close to it (0.54-0.92, see
-[`inertia_ratio_by_window`][inertia_ratio_by_window]): a lag early in a run, gone later. The
-threshold describes a run; it does not predict a gain (see the results page).
+``benchmarks/reproduce.py``: with the paper's own ResNet-8 (``shapes-paper-resnet8``, 20
+clients, 100 rounds) the ratio is 0.41-0.49 and stays below 0.75 in every fifth of the
+run; with 5 clients and 25 rounds (``shapes-resnet8``) 0.71; with the narrow ResNet-8
+(``shapes-resnet8-many``, ``shapes-resnet8-wide``) 0.95-1.39 and ``digits-vgg`` 1.11, no
+stall after the first 20 rounds. The threshold sits between the two groups. It
+describes a run; on those setups it did not predict LIPS's gain (see the results
+page), so the verdict says whether the middle layers stall, not whether LIPS will help.
 """
 
 DEFAULT_WARMUP_FRACTION: float = 0.2
