@@ -797,13 +797,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         if name in PAPER:
             if args.smoke:
                 setup.update(paper.SMOKE)
+            # one line, no usage text: the fix is the folder
             if args.data_dir is None:
-                parser.error(f"--setup {name} needs --data-dir DIR, the folder holding "
-                             f"{paper.FOLDERS[setup['task']]}/")
+                raise SystemExit(f"error: --setup {name} needs --data-dir DIR, the folder "
+                                 f"holding {paper.FOLDERS[setup['task']]}/")
             folder = args.data_dir / paper.FOLDERS[setup["task"]]
             if not folder.is_dir():
-                parser.error(f"--setup {name}: no {folder} (expected the python version of "
-                             f"{setup['task']} extracted in --data-dir)")
+                raise SystemExit(f"error: --setup {name}: no {folder} (expected the python "
+                                 f"version of {setup['task']} extracted in --data-dir)")
             setup["data_dir"] = str(args.data_dir.resolve())
         setup["device"] = args.device
     out = args.out or (RESULTS / "quick" if args.quick else RESULTS)

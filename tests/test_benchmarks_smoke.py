@@ -251,15 +251,16 @@ def test_paper_setup_smoke_runs_every_arm_on_a_miniature_folder(tmp_path, name):
     assert stored["runs"]["FedAvg"][0]["masked_rounds"] == []
 
 
-def test_paper_setup_without_its_folder_is_one_clear_error(tmp_path, capsys):
+def test_paper_setup_without_its_folder_is_one_clear_error(tmp_path):
     reproduce = _reproduce()
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as stop:
         reproduce.main(["--setup", "paper-cifar100-resnet8", "--data-dir", str(tmp_path)])
-    message = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "cifar-100-python" in message and str(tmp_path) in message
-    with pytest.raises(SystemExit):
+    message = str(stop.value.code)
+    assert len(message.splitlines()) == 1
+    assert str(tmp_path / "cifar-100-python") in message
+    with pytest.raises(SystemExit) as stop:
         reproduce.main(["--setup", "paper-cifar10-vgg11"])
-    assert "--data-dir" in capsys.readouterr().err
+    assert "--data-dir" in str(stop.value.code) and "cifar-10-batches-py/" in str(stop.value.code)
 
 
 def test_paper_slice_times_fedavg_and_lips_on_the_cpu(tmp_path, capsys):
