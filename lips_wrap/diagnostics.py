@@ -40,7 +40,7 @@ Weights = Union[nn.Module, Mapping[str, torch.Tensor]]
 INERTIA_THRESHOLD: float = 0.75
 """Inertia ratio below which the middle layers count as stalled.
 
-The ratio (:func:`inertia_ratio`) is the middle layers' mean relative update over the
+The ratio ([`inertia_ratio`][inertia_ratio]) is the middle layers' mean relative update over the
 mean of the first and last layers'. Calibrated on the committed FedAvg runs of
 ``benchmarks/reproduce.py``: with the paper's own ResNet-8 (``shapes-paper-resnet8``, 20
 clients, 100 rounds) the ratio is 0.41-0.49 and stays below 0.75 in every fifth of the
@@ -170,9 +170,10 @@ def anchor_drift(
     """Anchor drift of the middle layers against the first and last layers.
 
     Args:
-        cosines, distances, norms: layers x rounds, as
-            [`InertiaTracker.cosine_to_anchor`][lips_wrap.InertiaTracker.cosine_to_anchor],
-            ``distance_to_anchor`` and ``weight_norm``.
+        cosines: layers x rounds, as
+            [`InertiaTracker.cosine_to_anchor`][lips_wrap.InertiaTracker.cosine_to_anchor].
+        distances: layers x rounds, as ``InertiaTracker.distance_to_anchor``.
+        norms: layers x rounds, as ``InertiaTracker.weight_norm``.
         roles: ``"first"``, ``"middle"``, ``"last"`` or ``"other"`` per layer.
         anchor: the anchor round's column.
         last: the column to compare with the anchor; default the last one.
