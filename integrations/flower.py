@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from lips_wrap import LIPS, LayerPlan, LIPSConfig, MaskReport, ServerMasker, find_layers
-from lips_wrap.layers import strip_wrapper_prefixes
+from lips_wrap.received import compare_received
 
 try:
     from flwr.app import (
@@ -159,27 +159,8 @@ def _check_loaded(lips: LIPS, msg: Message, arrays_key: Optional[str]) -> None:
     ``_orig_mod.``), so a compiled or DDP model can load a plain model's arrays.
     """
     record_name, record = _global_arrays(msg, arrays_key)
-    keys: Dict[str, str] = {}
-    for key in record.keys():
-        keys.setdefault(key, key)
-    for key in record.keys():
-        keys.setdefault(strip_wrapper_prefixes(key), key)
-    plan, compared, differ = lips.plan, 0, []
-    for decision in plan.eligible:
-        forms = [
-            form for name in (decision.name,) + decision.aliases
-            for form in (name, plan.unwrapped_name(name), strip_wrapper_prefixes(name))
-        ]
-        key = next((keys[form] for form in forms if form in keys), None)
-        if key is None:
-            continue
-        compared += 1
-        param = lips.model.get_parameter(decision.name).detach()
-        received = torch.from_numpy(record[key].numpy())
-        if tuple(received.shape) != tuple(param.shape) or not torch.equal(
-            received.to(device=param.device, dtype=param.dtype), param
-        ):
-            differ.append(decision.name)
+    check = compare_received(lips, {key: record[key].numpy() for key in record.keys()})
+    plan, compared, differ = lips.plan, check.compared, check.differ
     if compared == 0:
         raise ValueError(
             f"none of the {len(plan.eligible)} tensors LIPS masks (e.g. "
