@@ -37,6 +37,7 @@ from torch import nn
 
 from .diagnostics import (
     INERTIA_THRESHOLD,
+    MEASURES,
     AnchorDrift,
     InertiaRatio,
     InertiaTracker,
@@ -385,12 +386,8 @@ class Diagnosis:
             "roles": list(self.roles),
             "shapes": [list(s) for s in self.shapes],
             "anchor_round": self.tracker.anchor_round,
-            "relative_update": [[clean(v) for v in row] for row in self.tracker.relative_update],
-            "cosine_to_anchor": [[clean(v) for v in row]
-                                 for row in self.tracker.cosine_to_anchor],
-            "distance_to_anchor": [[clean(v) for v in row]
-                                   for row in self.tracker.distance_to_anchor],
-            "weight_norm": [[clean(v) for v in row] for row in self.tracker.weight_norm],
+            **{measure: [[clean(v) for v in row] for row in getattr(self.tracker, measure)]
+               for measure in MEASURES},
             "anchor_drift": None if self.drift is None else {
                 "anchor_round": self.update_rounds[self.drift.anchor],
                 "last_round": self.update_rounds[self.drift.last],

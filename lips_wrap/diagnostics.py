@@ -247,7 +247,7 @@ def distance(a: torch.Tensor, b: Optional[torch.Tensor] = None) -> float:
     return float(torch.linalg.vector_norm(x if b is None else x - b.detach().to(torch.float64)))
 
 
-_MEASURES = ("relative_update", "cosine_to_anchor", "distance_to_anchor", "weight_norm")
+MEASURES = ("relative_update", "cosine_to_anchor", "distance_to_anchor", "weight_norm")
 """The per-(layer, round) measures of [`InertiaTracker`][lips_wrap.InertiaTracker], in file column
 order."""
 
@@ -396,19 +396,16 @@ class InertiaTracker:
         data = {
             "layers": self.layers,
             "anchor_round": self.anchor_round,
-            "relative_update": clean(self.relative_update),
-            "cosine_to_anchor": clean(self.cosine_to_anchor),
-            "distance_to_anchor": clean(self.distance_to_anchor),
-            "weight_norm": clean(self.weight_norm),
+            **{measure: clean(getattr(self, measure)) for measure in MEASURES},
         }
         Path(path).write_text(json.dumps(data, indent=1))
 
     def to_csv(self, path: Union[str, Path]) -> None:
         """Write one row per (layer, round): layer, round and the four measures."""
-        arrays = [getattr(self, column) for column in _MEASURES]
+        arrays = [getattr(self, column) for column in MEASURES]
         with open(path, "w", newline="") as handle:
             writer = csv.writer(handle)
-            writer.writerow(["layer", "round", *_MEASURES])
+            writer.writerow(["layer", "round", *MEASURES])
             for i, name in enumerate(self.layers):
                 for t in range(self.rounds):
                     writer.writerow([name, t, *(repr(float(a[i, t])) for a in arrays)])
@@ -426,7 +423,7 @@ class InertiaTracker:
         tracker._anchor = None
         shape = np.asarray(arrays["relative_update"]).shape
         columns = [np.asarray(arrays.get(m, np.full(shape, math.nan)), dtype=np.float64).T
-                   .tolist() for m in _MEASURES]
+                   .tolist() for m in MEASURES]
         tracker._updates, tracker._cosines, tracker._distances, tracker._norms = columns
         return tracker
 
@@ -441,7 +438,7 @@ class InertiaTracker:
             return np.asarray(values, dtype=np.float64).reshape(len(data["layers"]), -1)
 
         return cls._from_arrays(data["layers"], data["anchor_round"],
-                                {m: array(data[m]) for m in _MEASURES if m in data})
+                                {m: array(data[m]) for m in MEASURES if m in data})
 
     @classmethod
     def from_csv(cls, path: Union[str, Path], anchor_round: int = 2) -> "InertiaTracker":
@@ -451,7 +448,7 @@ class InertiaTracker:
         cells: Dict[str, Dict[int, Dict[str, str]]] = {}
         with open(path, newline="") as handle:
             reader = csv.DictReader(handle)
-            present = [m for m in _MEASURES if m in (reader.fieldnames or ())]
+            present = [m for m in MEASURES if m in (reader.fieldnames or ())]
             for row in reader:
                 name = row["layer"]
                 if name not in cells:
