@@ -243,10 +243,13 @@ def run_one(setup: dict, arm: str, seed: int, progress: Optional[tqdm] = None,
             torch.cuda.synchronize(device)
         finish_times.append(time.perf_counter())
     callbacks.append(timed)
-    final_state: Dict[str, torch.Tensor] = {}
-    callbacks.append(lambda rnd, model, history: final_state.update(
-        {k: v.detach().clone() for k, v in model.state_dict().items()}
-        if rnd == setup["rounds"] - 1 else {}))
+    final_state: Dict[str, torch.Tensor] = {}  # the last global model, for the fine-tune
+
+    def keep_final(rnd, model, history):
+        if rnd == setup["rounds"] - 1:
+            final_state.update({k: v.detach().clone() for k, v in model.state_dict().items()})
+    if setup.get("finetune_epochs"):
+        callbacks.append(keep_final)
     start, wall_start = time.process_time(), time.perf_counter()
     history = simulate(
         factory, x, y, train, tests, setup["rounds"], setup["epochs"], setup["batch_size"],
