@@ -481,6 +481,23 @@ def run_file(out: Path, name: str, arm: str, seed: int) -> Path:
     return out / "runs" / name / f"{slug}_seed{seed}.json"
 
 
+def _device_kind(config: dict) -> str:
+    return torch.device(config.get("device", "cpu")).type
+
+
+def _check_stored(stored: dict, setup: dict, path: Path) -> None:
+    """Refuse to resume from a run of another setup, or one made on another kind of
+    device: its numbers differ in the last bits, so pairing it with this run's seeds
+    would compare machines, not arms."""
+    if not same_setup(stored, setup):
+        raise SystemExit(f"{path} was made with another setup; move it away or run "
+                         "without --resume")
+    if _device_kind(stored) != _device_kind(setup):
+        raise SystemExit(f"{path} was made on {_device_kind(stored)}, this run is on "
+                         f"{_device_kind(setup)}: pass --device {_device_kind(stored)} to "
+                         "resume it, or use another --out")
+
+
 def load_finished(setups: Dict[str, dict], out: Path) -> Dict[str, dict]:
     """Results already in ``out`` whose setup matches (all but the seed counts): a
     resumed run keeps them, since a run is determined by its setup and seed. Reads the
@@ -490,15 +507,11 @@ def load_finished(setups: Dict[str, dict], out: Path) -> Dict[str, dict]:
         path = out / f"{name}.json"
         if path.exists():
             stored = json.loads(path.read_text())
-            if not same_setup(stored["config"], setup):
-                raise SystemExit(f"{path} was made with another setup; move it away or "
-                                 "run without --resume")
+            _check_stored(stored["config"], setup, path)
             results[name]["runs"] = stored["runs"]
         for run_path in sorted((out / "runs" / name).glob("*.json")):
             stored = json.loads(run_path.read_text())
-            if not same_setup(stored["config"], setup):
-                raise SystemExit(f"{run_path} was made with another setup; move it away "
-                                 "or run without --resume")
+            _check_stored(stored["config"], setup, run_path)
             arm_runs = results[name]["runs"].setdefault(stored["arm"], [])
             if all(r["seed"] != stored["run"]["seed"] for r in arm_runs):
                 arm_runs.append(stored["run"])

@@ -290,3 +290,12 @@ def test_paper_split_gives_every_client_its_size_and_matching_test_labels():
     assert np.median(top) >= 80
     assert paper.class_counts([0.333, 0.333, 0.334], 100).tolist() == [33, 33, 34]
     assert paper.class_counts([0.996, 0.004, 0.0], 100).tolist() == [100, 0, 0]
+
+
+def test_resume_refuses_runs_made_on_another_kind_of_device(tmp_path):
+    reproduce = _reproduce()
+    setup = {**_tiny_setup(reproduce), "arms": ["FedAvg"], "ablations": [], "rounds": 2}
+    reproduce.run_all({"tiny": setup}, tmp_path)
+    assert reproduce.load_finished({"tiny": {**setup, "device": "cpu"}}, tmp_path)
+    with pytest.raises(SystemExit, match="made on cpu, this run is on cuda: pass --device cpu"):
+        reproduce.load_finished({"tiny": {**setup, "device": "cuda"}}, tmp_path)
